@@ -1,0 +1,108 @@
+"""The ``chutes-attest`` command line: global flags, the subcommand registry, exit codes.
+
+Subcommands live in :mod:`agent.commands`, one module each, and are registered in
+:data:`COMMANDS` below, the only place that lists them. Each module provides
+``add_arguments(parser)`` and ``run(args, cfg) -> int``; heavy imports stay inside ``run`` so
+``--help`` and the boot path start fast.
+
+Exit codes (also printed by ``--help``):
+  0  success
+  1  the operation failed (network, hardware, validator refusal, ...)
+  2  usage or configuration error
+  3  verification failed (evidence parsed but a check did not pass)
+  4  malformed input (a quote, nonce or file that does not parse)
+  5  a required device or source is unavailable (no TDX, no NVML, ...)
+  130 interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from agent import __version__
+from agent import config as config_mod
+from agent import log
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_VERIFY_FAILED = 3
+EXIT_BAD_INPUT = 4
+EXIT_UNAVAILABLE = 5
+EXIT_INTERRUPTED = 130
+
+#: name -> (module under agent.commands, one-line help). The single registry of subcommands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quote": ("quote", "parse, verify and fetch TDX quotes"),
+    "evidence": ("evidence", "collect TDX quote + GPU evidence bound to a nonce"),
+    "devices": ("devices", "list GPUs as the attestation service reports them"),
+    "boot": ("boot", "attested LUKS unlock (run from the initramfs)"),
+    "serve": ("serve", "serve the attestation APIs on unix sockets"),
+    "doctor": ("doctor", "check this VM's attestation prerequisites"),
+    "demo": ("demo", "full simulated boot + service on this machine"),
+    "config": ("config_cmd", "show the effective configuration"),
+}
+
+_EPILOG = __doc__.split("Exit codes", 1)[1].join(["Exit codes", ""]) if __doc__ else ""
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--json`` flag: machine-readable output on stdout."""
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chutes-attest",
+        description="On-node attestation agent for confidential GPU VMs (Intel TDX + NVIDIA).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"chutes-attest {__version__}")
+    parser.add_argument("--config", metavar="PATH", help=f"config file (default {config_mod.DEFAULT_PATH})")
+    parser.add_argument(
+        "--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
+        help="override one config key (repeatable)",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+    parser.add_argument("--log-format", choices=["auto", "console", "json", "journald"], help="log format")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"agent.commands.{module_name}")
+        sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    overrides = list(args.overrides)
+    if args.log_level:
+        overrides.append(f"log.level={args.log_level}")
+    if args.log_format:
+        overrides.append(f"log.format={args.log_format}")
+    try:
+        cfg = config_mod.load(args.config, overrides)
+    except config_mod.ConfigError as exc:
+        print(f"chutes-attest: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.configure(cfg.log.level, cfg.log.format)
+    module: Any = args._module
+    try:
+        return int(module.run(args, cfg) or 0)
+    except KeyboardInterrupt:
+        print("chutes-attest: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``chutes-attest`` subcommand (registered in :data:`agent.cli.COMMANDS`)."""

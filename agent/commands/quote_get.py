@@ -1,0 +1,17 @@
+"""Placeholder: implemented by its issue."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agent.config import AgentConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    print("chutes-attest: 'quote get' is not implemented yet", file=sys.stderr)
+    return 1

@@ -1,0 +1,319 @@
+"""Agent configuration: one TOML file, environment and flag overrides, validated on load.
+
+Every key lives in a typed dataclass section below. Sources are applied in order
+(defaults < file < environment < ``--set`` flags); an unknown key or a value of the wrong
+type is a :class:`ConfigError` that names the key and where it came from, so a typo in a
+boot-critical file fails loudly instead of silently falling back to a default.
+
+Environment: ``CHUTES_ATTEST_<SECTION>_<KEY>`` (e.g. ``CHUTES_ATTEST_QUOTE_SOURCE=simulated``).
+Flags: ``--set section.key=value`` (repeatable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/chutes-attest/agent.toml")
+ENV_PREFIX = "CHUTES_ATTEST_"
+CONFIG_PATH_ENV = "CHUTES_ATTEST_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class LogConfig:
+    """Where log lines go and how they look."""
+
+    level: str = "info"
+    #: "auto" (journald under systemd, console on a TTY, else console), "console", "json", "journald".
+    format: str = "auto"
+
+
+@dataclass
+class QuoteConfig:
+    """Where TDX quotes come from and how the hardware queue treats callers."""
+
+    #: "configfs" (production, Linux configfs-tsm) or "simulated" (explicit opt-in, never trusted).
+    source: str = "configfs"
+    configfs_root: str = "/sys/kernel/config/tsm/report"
+    expected_provider: str = "tdx_guest"
+    retries: int = 3
+    retry_delay_s: float = 0.5
+    #: Directory holding the simulated PCK chain and keys (created on first use) for source="simulated".
+    simulated_state_dir: str = "/var/lib/chutes-attest/sim"
+    queue_max: int = 64
+    deadline_s: float = 30.0
+
+
+@dataclass
+class RtmrConfig:
+    """RTMR3 extension. Off by default: the live validator pins boot RTMR3 to zeros."""
+
+    enabled: bool = False
+    sysfs_path: str = "/sys/class/misc/tdx_guest/measurements/rtmr3:sha384"
+    event_log: str = "/run/chutes-attest/rtmr3-events.jsonl"
+
+
+@dataclass
+class GpuConfig:
+    """NVIDIA GPU evidence through NVML."""
+
+    enabled: bool = True
+    #: Path of libnvidia-ml.so.1; empty = the library's default search.
+    nvml_library: str = ""
+    call_timeout_s: float = 10.0
+    #: Set the GPU ready state only after every GPU's evidence passed local verification.
+    set_ready_after_verify: bool = False
+    #: Pinned NVIDIA Device Identity root; empty = the copy shipped in the package.
+    device_root_ca: str = ""
+
+
+@dataclass
+class BootConfig:
+    """The initramfs unlock flow."""
+
+    validator_url: str = "https://api.chutes.ai"
+    #: CA bundle for the validator's server certificate; empty = system default.
+    ca_bundle: str = ""
+    config_label: str = "tdx-config"
+    config_mount: str = "/run/tdx-config"
+    #: "static" (netplan subset from the config volume) or "initramfs" (ip=/DHCP done by initramfs-tools).
+    network: str = "static"
+    root_device: str = "/dev/disk/by-partlabel/root-luks"
+    root_mapper: str = "root"
+    cache_label: str = "containerd-cache"
+    cache_mapper: str = "containerd-cache"
+    cache_enabled: bool = True
+    handoff_dir: str = "/run/chutes"
+    max_attempts: int = 5
+    total_timeout_s: float = 300.0
+    request_timeout_s: float = 30.0
+    backoff_s: float = 2.0
+    backoff_max_s: float = 30.0
+    cryptsetup: str = "cryptsetup"
+    poweroff: bool = True
+
+
+@dataclass
+class ServeConfig:
+    """The runtime unix-socket service."""
+
+    compat_socket: str = "/run/attestation-service/attestation.sock"
+    chute_socket: str = "/run/chutes-attest/chutes.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    cert_path: str = "/etc/attestation-service/certs/server.crt"
+    key_path: str = "/etc/attestation-service/certs/server.key"
+    rint_nonce_ttl_s: float = 300.0
+    rint_nonces_per_caller: int = 1024
+    evidence_rate_per_s: float = 2.0
+    evidence_burst: int = 10
+    nonce_rate_per_s: float = 5000.0
+    nonce_burst: int = 10000
+    max_body_bytes: int = 65536
+    max_connections: int = 1024
+    request_timeout_s: float = 60.0
+    #: Hosts the rint validator-nonce relay may contact (no SSRF).
+    validator_hosts: list[str] = field(default_factory=lambda: ["api.chutes.ai"])
+    relay_timeout_s: float = 10.0
+    relay_ca_bundle: str = ""
+    boot_status_path: str = "/run/chutes/boot-status.json"
+    watchdog: bool = True
+
+
+@dataclass
+class TpmConfig:
+    """Optional vTPM evidence."""
+
+    #: "auto" (use /dev/tpmrm0 or tcti when present), "off".
+    mode: str = "auto"
+    tcti: str = ""
+    pcrs: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 14])
+    bank: str = "sha256"
+    ak_handle: int = 0
+    event_log: str = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+
+@dataclass
+class AgentConfig:
+    """The whole configuration, one attribute per TOML table."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    quote: QuoteConfig = field(default_factory=QuoteConfig)
+    rtmr: RtmrConfig = field(default_factory=RtmrConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log.level": ("debug", "info", "warning", "error"),
+    "log.format": ("auto", "console", "json", "journald"),
+    "quote.source": ("configfs", "simulated"),
+    "boot.network": ("static", "initramfs"),
+    "tpm.mode": ("auto", "off"),
+}
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(AgentConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig)}
+
+
+def _coerce(key: str, value: Any, typ: Any, origin: str) -> Any:
+    """Check (file values) or convert (string values from env/flags) one value to its declared type."""
+    from_text = isinstance(value, str) and typ is not str
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{origin}: {key}: expected {expected}, got {value!r}")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_text and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise fail("a boolean")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    if typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise fail("a list")
+        return [_coerce(f"{key}[{i}]", v, item, origin) for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported type {typ!r}")  # pragma: no cover - schema bug
+
+
+def _apply(cfg: AgentConfig, section: str, key: str, value: Any, origin: str) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(sorted(sections))})")
+    sec_obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sec_obj))
+    if key not in hints:
+        raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(hints))})")
+    full = f"{section}.{key}"
+    coerced = _coerce(full, value, hints[key], origin)
+    allowed = _CHOICES.get(full)
+    if allowed and coerced not in allowed:
+        raise ConfigError(f"{origin}: {full}: must be one of {', '.join(allowed)}, got {coerced!r}")
+    setattr(sec_obj, key, coerced)
+
+
+def _apply_mapping(cfg: AgentConfig, data: Mapping[str, Any], origin: str) -> None:
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{origin}: {section}: expected a table, got {table!r}")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, origin)
+
+
+def _split_dotted(text: str, origin: str) -> tuple[str, str, str]:
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"{origin}: expected section.key=value, got {text!r}")
+    return section, key, value
+
+
+def _validate(cfg: AgentConfig) -> None:
+    """Cross-field and range checks that a type alone cannot express."""
+    positive = {
+        "quote.queue_max": cfg.quote.queue_max,
+        "quote.deadline_s": cfg.quote.deadline_s,
+        "boot.max_attempts": cfg.boot.max_attempts,
+        "boot.total_timeout_s": cfg.boot.total_timeout_s,
+        "boot.request_timeout_s": cfg.boot.request_timeout_s,
+        "serve.rint_nonce_ttl_s": cfg.serve.rint_nonce_ttl_s,
+        "serve.max_body_bytes": cfg.serve.max_body_bytes,
+        "serve.max_connections": cfg.serve.max_connections,
+        "gpu.call_timeout_s": cfg.gpu.call_timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    if cfg.quote.retries < 0:
+        raise ConfigError(f"quote.retries: must be >= 0, got {cfg.quote.retries}")
+    if not 0 <= cfg.serve.socket_mode <= 0o777:
+        raise ConfigError(f"serve.socket_mode: must be a file mode (0..0o777), got {cfg.serve.socket_mode!r}")
+    if not cfg.boot.validator_url.startswith(("https://", "http://")):
+        raise ConfigError(f"boot.validator_url: must be an http(s) URL, got {cfg.boot.validator_url!r}")
+    for pcr in cfg.tpm.pcrs:
+        if not 0 <= pcr <= 23:
+            raise ConfigError(f"tpm.pcrs: PCR index out of range 0..23: {pcr}")
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Build the configuration from defaults, the TOML file, the environment and ``--set`` overrides.
+
+    ``path`` None means ``$CHUTES_ATTEST_CONFIG`` or the default path, and a missing default file is fine
+    (defaults apply); an explicitly named file that is missing is an error.
+    """
+    env = os.environ if environ is None else environ
+    cfg = AgentConfig()
+    explicit = path is not None or CONFIG_PATH_ENV in env
+    file_path = Path(path) if path is not None else Path(env.get(CONFIG_PATH_ENV, str(DEFAULT_PATH)))
+    if file_path.exists() or explicit:
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{file_path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file_path}: invalid TOML: {exc}") from None
+        _apply_mapping(cfg, data, str(file_path))
+    sections = _sections()
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections:
+            continue  # other CHUTES_ATTEST_* variables (e.g. test knobs) are not config
+        _apply(cfg, section, key, value, f"environment {name}")
+    for item in overrides:
+        section, key, value = _split_dotted(item, "--set")
+        _apply(cfg, section, key, value, f"--set {item}")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: AgentConfig) -> dict[str, Any]:
+    """Plain-data view (for ``chutes-attest config show``)."""
+    return dataclasses.asdict(cfg)

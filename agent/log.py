@@ -1,0 +1,180 @@
+"""structlog, configured once: console lines, JSON lines, or journald with structured fields.
+
+Conventions every module follows:
+- ``log = get_logger(__name__)``; events are short dotted names (``boot.stage``, ``serve.request``),
+  details are keyword fields (``stage=``, ``duration_ms=``, ``peer_pid=``, ``result=``, ``reason=``).
+- Each event name maps to a stable journald ``MESSAGE_ID`` (UUIDv5 of the name), so operators can
+  ``journalctl MESSAGE_ID=…`` across versions; :func:`message_id` gives it.
+- Secrets never reach a sink: values of secret-looking keys are replaced, and :class:`Secret`
+  renders as ``<redacted>`` wherever it ends up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_NAMESPACE = uuid.UUID("6c3e2b8e-1f0a-4f5e-9a57-3c1d9f6a0b21")
+SECRET_KEYS = frozenset(
+    {
+        "key", "passphrase", "password", "secret", "token", "boot_token", "authorization",
+        "symmetric_key", "luks_key", "private_key", "root_next", "launch_token",
+    }
+)
+REDACTED = "<redacted>"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
+_configured_format: str | None = None
+
+
+class Secret:
+    """A secret value (LUKS passphrase, token) that refuses to print itself.
+
+    The bytes live in a ``bytearray`` so :meth:`wipe` can overwrite them after use.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self, value: bytes | bytearray | str) -> None:
+        self._buf = bytearray(value.encode() if isinstance(value, str) else value)
+
+    def reveal(self) -> bytearray:
+        """The underlying buffer (not a copy): hand it straight to the consumer."""
+        return self._buf
+
+    def wipe(self) -> None:
+        """Overwrite the buffer with zeros and empty it."""
+        for i in range(len(self._buf)):
+            self._buf[i] = 0
+        self._buf.clear()
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def __repr__(self) -> str:
+        return REDACTED
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # never pickled into a cache or a queue by accident
+        raise TypeError("Secret values cannot be pickled")
+
+
+def message_id(event: str) -> str:
+    """Stable 32-hex journald MESSAGE_ID for an event name."""
+    return uuid.uuid5(_NAMESPACE, event).hex
+
+
+def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for k in list(event_dict):
+        if k.lower() in SECRET_KEYS or isinstance(event_dict[k], Secret):
+            event_dict[k] = REDACTED
+    return event_dict
+
+
+def _add_message_id(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event_dict.setdefault("message_id", message_id(str(event_dict.get("event", ""))))
+    return event_dict
+
+
+def _journal_field(name: str) -> str:
+    out = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")
+    return out or "FIELD"
+
+
+class JournaldRenderer:
+    """Final processor: send one journald entry with every event field as its own field."""
+
+    def __init__(self) -> None:
+        from systemd import journal  # type: ignore[import-not-found]
+
+        self._send = journal.send
+
+    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        event = str(event_dict.pop("event", ""))
+        mid = str(event_dict.pop("message_id", message_id(event)))
+        level = str(event_dict.pop("level", method))
+        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("timestamp", "logger"))
+        fields = {_journal_field(k): str(v) for k, v in event_dict.items() if k != "timestamp"}
+        fields.pop("MESSAGE", None)
+        fields.pop("PRIORITY", None)
+        self._send(
+            f"{event} {details}".strip(),
+            MESSAGE_ID=mid,
+            PRIORITY=str(_PRIORITY.get(level, 6)),
+            EVENT=event,
+            SYSLOG_IDENTIFIER="chutes-attest",
+            **fields,
+        )
+        raise structlog.DropEvent
+
+
+def journald_available() -> bool:
+    """True when systemd-python imports and a journal socket exists."""
+    try:
+        import systemd.journal  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists("/run/systemd/journal/socket")
+
+
+def _resolve_format(fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if os.environ.get("JOURNAL_STREAM") and journald_available():
+        return "journald"
+    return "console"
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str:
+    """Configure structlog for the whole process; returns the format actually used.
+
+    ``journald`` falls back to JSON on stderr (with a warning) when systemd-python is missing, so a
+    misconfigured node still logs somewhere an operator can read.
+    """
+    global _configured_format
+    resolved = _resolve_format(fmt)
+    out = stream if stream is not None else sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+        _add_message_id,
+        structlog.processors.format_exc_info,
+    ]
+    fallback_note = None
+    renderer: Any
+    if resolved == "journald":
+        try:
+            renderer = JournaldRenderer()
+        except ImportError:
+            fallback_note = "systemd-python not installed; logging JSON to stderr instead of journald"
+            resolved = "json"
+    if resolved == "json":
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    elif resolved == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() if hasattr(out, "isatty") else False)
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    _configured_format = resolved
+    if fallback_note:
+        get_logger(__name__).warning("log.fallback", reason=fallback_note)
+    return resolved
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    """A bound structlog logger; ``name`` becomes the ``logger`` field."""
+    if name:
+        initial.setdefault("logger", name)
+    return structlog.get_logger(**initial)
