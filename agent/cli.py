@@ -23,9 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__
+from agent import __version__, log
 from agent import config as config_mod
-from agent import log
 
 EXIT_OK = 0
 EXIT_FAILED = 1

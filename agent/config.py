@@ -170,9 +170,9 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(AgentConfig)}
 
 
-def _coerce(key: str, value: Any, typ: Any, origin: str) -> Any:
-    """Check (file values) or convert (string values from env/flags) one value to its declared type."""
-    from_text = isinstance(value, str) and typ is not str
+def _coerce(key: str, value: Any, typ: Any, origin: str, textual: bool) -> Any:
+    """Check (file values) or convert (``textual``: strings from env/flags) one value to its declared type."""
+    from_text = textual and isinstance(value, str) and typ is not str
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{origin}: {key}: expected {expected}, got {value!r}")
@@ -209,15 +209,15 @@ def _coerce(key: str, value: Any, typ: Any, origin: str) -> Any:
         raise fail("a string")
     if typing.get_origin(typ) is list:
         (item,) = typing.get_args(typ)
-        if isinstance(value, str):
+        if from_text:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise fail("a list")
-        return [_coerce(f"{key}[{i}]", v, item, origin) for i, v in enumerate(value)]
+        return [_coerce(f"{key}[{i}]", v, item, origin, textual) for i, v in enumerate(value)]
     raise ConfigError(f"{key}: unsupported type {typ!r}")  # pragma: no cover - schema bug
 
 
-def _apply(cfg: AgentConfig, section: str, key: str, value: Any, origin: str) -> None:
+def _apply(cfg: AgentConfig, section: str, key: str, value: Any, origin: str, textual: bool = False) -> None:
     sections = _sections()
     if section not in sections:
         raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(sorted(sections))})")
@@ -226,7 +226,7 @@ def _apply(cfg: AgentConfig, section: str, key: str, value: Any, origin: str) ->
     if key not in hints:
         raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(hints))})")
     full = f"{section}.{key}"
-    coerced = _coerce(full, value, hints[key], origin)
+    coerced = _coerce(full, value, hints[key], origin, textual)
     allowed = _CHOICES.get(full)
     if allowed and coerced not in allowed:
         raise ConfigError(f"{origin}: {full}: must be one of {', '.join(allowed)}, got {coerced!r}")
@@ -273,7 +273,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"boot.validator_url: must be an http(s) URL, got {cfg.boot.validator_url!r}")
     for pcr in cfg.tpm.pcrs:
         if not 0 <= pcr <= 23:
-            raise ConfigError(f"tpm.pcrs: PCR index out of range 0..23: {pcr}")
+            raise ConfigError(f"tpm.pcrs: must be PCR indexes 0..23, got {pcr}")
 
 
 def load(
@@ -306,10 +306,10 @@ def load(
         section, _, key = rest.partition("_")
         if section not in sections:
             continue  # other CHUTES_ATTEST_* variables (e.g. test knobs) are not config
-        _apply(cfg, section, key, value, f"environment {name}")
+        _apply(cfg, section, key, value, f"environment {name}", textual=True)
     for item in overrides:
         section, key, value = _split_dotted(item, "--set")
-        _apply(cfg, section, key, value, f"--set {item}")
+        _apply(cfg, section, key, value, f"--set {item}", textual=True)
     _validate(cfg)
     return cfg
 

@@ -177,4 +177,4 @@ def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A bound structlog logger; ``name`` becomes the ``logger`` field."""
     if name:
         initial.setdefault("logger", name)
-    return structlog.get_logger(**initial)
+    return structlog.get_logger().bind(**initial)
