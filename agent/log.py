@@ -100,7 +100,7 @@ class JournaldRenderer:
         event = str(event_dict.pop("event", ""))
         mid = str(event_dict.pop("message_id", message_id(event)))
         level = str(event_dict.pop("level", method))
-        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("timestamp", "logger"))
+        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("timestamp", "module"))
         fields = {_journal_field(k): str(v) for k, v in event_dict.items() if k != "timestamp"}
         fields.pop("MESSAGE", None)
         fields.pop("PRIORITY", None)
@@ -174,7 +174,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
-    """A bound structlog logger; ``name`` becomes the ``logger`` field."""
+    """A lazy structlog logger (configuration applies even when created at import time).
+
+    ``name`` becomes the ``module`` field (structlog reserves the ``logger`` keyword).
+    """
     if name:
-        initial.setdefault("logger", name)
-    return structlog.get_logger().bind(**initial)
+        initial.setdefault("module", name)
+    return structlog.get_logger(**initial)

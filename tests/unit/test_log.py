@@ -42,3 +42,12 @@ def test_level_filtering() -> None:
     log.get_logger().warning("loud.event")
     out = buf.getvalue()
     assert "quiet.event" not in out and "loud.event" in out
+
+
+def test_logger_created_before_configure_follows_configuration() -> None:
+    early = log.get_logger("early.module")
+    buf = io.StringIO()
+    log.configure("info", "json", stream=buf)
+    early.info("late.event", n=1)
+    line = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert line["event"] == "late.event" and line["module"] == "early.module"
