@@ -75,6 +75,10 @@ class GpuConfig:
     set_ready_after_verify: bool = False
     #: Pinned NVIDIA Device Identity root; empty = the copy shipped in the package.
     device_root_ca: str = ""
+    #: Emulated NVML (tests/demo only, logs a warning, evidence NOT real): "" = real NVML;
+    #: "<model>x<count>" with model h100, h200 or b200 (e.g. "h100x8") = that many emulated GPUs
+    #: whose evidence is signed by a simulated device chain (agent.sim.gpu_sim), never NVIDIA's root.
+    emulate: str = ""
 
 
 @dataclass
@@ -101,6 +105,22 @@ class BootConfig:
     backoff_max_s: float = 30.0
     cryptsetup: str = "cryptsetup"
     poweroff: bool = True
+    #: Block device or image file holding the config volume; empty = find it by config_label (blkid).
+    config_device: str = ""
+    #: How long to wait for the labelled config/cache devices to appear (udev may still be settling).
+    device_wait_s: float = 10.0
+    #: Cache volume device or image file; empty = find it by cache_label.
+    cache_device: str = ""
+    #: Final step: "open" (cryptsetup open) or "test-passphrase" (confirm the key only: machines without
+    #: device-mapper, tests, the demo). Same code path up to the cryptsetup call.
+    unlock_action: str = "open"
+    #: Private directory for the validated LUKS header copy (tmpfs in the initramfs).
+    header_dir: str = "/run/chutes-attest/luks"
+    #: PBKDF for formatting the cache volume on first boot; iterations 0 = let cryptsetup benchmark.
+    format_pbkdf: str = "argon2id"
+    format_pbkdf_iterations: int = 0
+    kmsg_path: str = "/dev/kmsg"
+    resolv_conf: str = "/etc/resolv.conf"
 
 
 @dataclass
@@ -128,6 +148,12 @@ class ServeConfig:
     relay_ca_bundle: str = ""
     boot_status_path: str = "/run/chutes/boot-status.json"
     watchdog: bool = True
+    #: A connection must deliver a complete request head this soon after its first byte.
+    header_timeout_s: float = 10.0
+    #: An idle keep-alive connection (no request in progress) is closed after this long.
+    idle_timeout_s: float = 75.0
+    #: On SIGTERM, in-flight requests get this long to finish before connections are closed.
+    drain_timeout_s: float = 10.0
 
 
 @dataclass
@@ -161,7 +187,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("auto", "console", "json", "journald"),
     "quote.source": ("configfs", "simulated"),
     "boot.network": ("static", "initramfs"),
+    "boot.unlock_action": ("open", "test-passphrase"),
+    "boot.format_pbkdf": ("argon2id", "argon2i", "pbkdf2"),
     "tpm.mode": ("auto", "off"),
+    "tpm.bank": ("sha1", "sha256", "sha384", "sha512"),
 }
 
 
