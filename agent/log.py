@@ -132,6 +132,19 @@ def _resolve_format(fmt: str) -> str:
     return "console"
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at call time (test capture, redirection), not at configure time."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str:
     """Configure structlog for the whole process; returns the format actually used.
 
@@ -140,7 +153,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str
     """
     global _configured_format
     resolved = _resolve_format(fmt)
-    out = stream if stream is not None else sys.stderr
+    out = stream if stream is not None else _CurrentStderr()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
