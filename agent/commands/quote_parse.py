@@ -1,17 +1,123 @@
-"""Placeholder: implemented by its issue."""
+"""Parse a TDX quote (raw, base64 or hex, auto-detected) and print every field.
+
+Reads FILE, or standard input for '-'. With --verify also runs the signature self-check
+(quote signature, QE report signature, QE report_data binding, PCK chain to the pinned Intel
+SGX Root CA, or to --root-ca). Exit 3 if a check fails, 4 if the input is not a quote.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import json
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
+from agent.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, add_json_flag
 from agent.config import AgentConfig
+
+_HEX = re.compile(rb"\A(?:0x)?[0-9a-fA-F]+\Z")
+_B64 = re.compile(rb"\A[A-Za-z0-9+/_-]+={0,2}\Z")
+_WS = re.compile(rb"\s+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("file", metavar="FILE", help="quote file (raw, base64 or hex), or - for stdin")
+    parser.add_argument("--verify", action="store_true", help="also run the signature self-check")
+    parser.add_argument("--root-ca", metavar="PEM", help="root CA to pin instead of Intel's (with --verify)")
+    parser.add_argument("--format", choices=["auto", "raw", "base64", "hex"], default="auto",
+                        help="input encoding (default: auto-detect)")
+    add_json_flag(parser)
+
+
+def decode_input(data: bytes, fmt: str = "auto") -> tuple[bytes, str]:
+    """Return (quote bytes, detected encoding). Raw quotes start with a binary version word."""
+    if fmt == "raw":
+        return data, "raw"
+    text = _WS.sub(b"", data)
+    if fmt in ("auto", "hex") and len(text) % 2 == 0 and text and _HEX.match(text):
+        return bytes.fromhex(text.removeprefix(b"0x").decode()), "hex"
+    if fmt == "hex":
+        raise ValueError("input is not valid hex")
+    if fmt in ("auto", "base64") and text and _B64.match(text):
+        try:
+            alt = b"-_" if (b"-" in text or b"_" in text) else None
+            padded = text + b"=" * (-len(text) % 4)
+            return base64.b64decode(padded, altchars=alt, validate=True), "base64"
+        except (binascii.Error, ValueError):
+            if fmt == "base64":
+                raise ValueError("input is not valid base64") from None
+    if fmt == "base64":
+        raise ValueError("input is not valid base64")
+    return data, "raw"
+
+
+_TD15EX_ONLY = ("vmid", "td_id", "dev_info", "init_servtd_hash", "init_servtd_attributes", "init_cpu_svn",
+                "init_tee_tcb_svn", "init_tee_fmspc", "cur_servtd_hash", "cur_servtd_attributes")
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "..".join(str(v) for v in value)
+    if isinstance(value, str) and "\n" in value:
+        return f"{value.count('BEGIN CERTIFICATE')} PEM certificate(s), {len(value)} chars"
+    return "-" if value is None else str(value)
+
+
+def _print_text(q: Any, encoding: str, result: Any) -> None:
+    d = q.to_dict()
+    d.pop("pck_certs")
+    if q.body_type != 4:
+        for key in _TD15EX_ONLY:
+            d.pop(key)
+    print(f"# TDX quote v{q.version}, body type {q.body_type}, {q.quote_len} bytes "
+          f"(+{q.trailing_len} trailing), read as {encoding}")
+    width = max(len(k) for k in d)
+    for key, value in d.items():
+        print(f"{key:<{width}}  {_fmt_value(value)}")
+    for i, pem in enumerate(q.pck_certs):
+        first = pem.split(b"\n", 2)[1][:40].decode("ascii", "replace")
+        print(f"{'pck_certs[' + str(i) + ']':<{width}}  {len(pem)} B PEM ({first}...)")
+    if result is not None:
+        print(f"# signature self-check: {'PASS' if result.ok else 'FAIL'}")
+        for c in result.checks:
+            print(f"{c.name:<{width}}  {'pass' if c.passed else 'FAIL'}  {c.detail}")
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    print("chutes-attest: 'quote parse' is not implemented yet", file=sys.stderr)
-    return 1
+    from agent.quote import QuoteError, parse_quote, verify_quote
+
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        root = Path(args.root_ca).read_bytes() if args.root_ca else None
+    except OSError as exc:
+        print(f"chutes-attest: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        raw, encoding = decode_input(data, args.format)
+        q = parse_quote(raw)
+    except QuoteError as exc:
+        print(f"chutes-attest: malformed quote: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        print(f"chutes-attest: malformed input: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = None
+    if args.verify:
+        try:
+            result = verify_quote(q, root)
+        except ValueError as exc:
+            print(f"chutes-attest: bad --root-ca: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.json:
+        out = q.to_dict()
+        out["input_encoding"] = encoding
+        if result is not None:
+            out["verify"] = result.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        _print_text(q, encoding, result)
+    return EXIT_VERIFY_FAILED if result is not None and not result.ok else EXIT_OK

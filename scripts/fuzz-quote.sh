@@ -1,0 +1,29 @@
+#!/bin/sh
+# Build the libFuzzer harness over the C quote parser (ASan + UBSan) and run it, seeded with the
+# real sample quotes. Usage: scripts/fuzz-quote.sh [seconds]   (default 600; one core)
+set -eu
+SECONDS_TO_RUN="${1:-600}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SHARED="${CHUTES_ATTEST_SHARED:-$ROOT/../shared}"
+OUT="$ROOT/build/fuzz"
+mkdir -p "$OUT/corpus" "$OUT/artifacts"
+
+clang -g -O1 -std=c11 -Wall -Wextra -Wconversion -Werror \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -o "$OUT/fuzz_tdxquote" "$ROOT/native/fuzz/fuzz_tdxquote.c" "$ROOT/native/tdxquote_core.c"
+
+# Seeds: every real quote, plus the CBOR/COSE prefixes.
+for f in "$SHARED"/testdata/tdx-quotes/*.bin; do
+    cp -f "$f" "$OUT/corpus/"
+done
+printf '\330\075' > "$OUT/corpus/cbor_cwt"
+printf '\322\204' > "$OUT/corpus/cose_sign1"
+
+# With -jobs, libFuzzer writes its log to ./fuzz-0.log: keep it under build/fuzz.
+cd "$OUT"
+export ASAN_OPTIONS="abort_on_error=1:detect_leaks=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+"$OUT/fuzz_tdxquote" -max_total_time="$SECONDS_TO_RUN" -workers=1 -jobs=1 -max_len=12000 \
+    -dict="$ROOT/native/fuzz/tdxquote.dict" -artifact_prefix="$OUT/artifacts/" -print_final_stats=1 \
+    "$OUT/corpus" || { cat fuzz-0.log; exit 1; }
+tail -n 8 fuzz-0.log
