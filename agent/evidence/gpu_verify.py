@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from agent.checks import Check, CheckResult
 from agent.evidence.spdm import NONCE_LEN, SIGNATURE_LEN, SpdmParseError, SpdmReport, parse_report
 
 CHAIN_LENGTH = 5  # NVIDIA's MAX_CERT_CHAIN_LENGTH: leaf, BROM, provisioner ICA, identity, root
@@ -36,36 +37,13 @@ NOT_CHECKED = ("ocsp", "rim")
 ROOT_RESOURCE = "data/nvidia_device_identity_root.pem"
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
 @dataclass
-class GpuVerifyResult:
-    """``ok`` only if every check passed; OCSP and RIM are listed in ``not_checked``."""
+class GpuVerifyResult(CheckResult):
+    """``ok`` only if every check passed; what is out of scope is listed in ``not_checked``."""
 
-    checks: list[Check]
     report: SpdmReport | None = None
     not_checked: tuple[str, ...] = NOT_CHECKED
-    info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks],
-            "not_checked": list(self.not_checked),
-            "info": self.info,
-        }
 
 
 def pinned_root_pem(path: str | Path = "") -> bytes:
@@ -243,7 +221,7 @@ def verify_gpu_evidence(
         "feature_flag": parsed.opaque.feature_flag,
         "project": parsed.opaque.project,
     }
-    return GpuVerifyResult(checks, parsed, info=info)
+    return GpuVerifyResult(checks, report=parsed, info=info)
 
 
 def verify_evidence_entry(entry: dict[str, Any], nonce: bytes, root_pem: bytes | None = None) -> GpuVerifyResult:

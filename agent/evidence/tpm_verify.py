@@ -21,13 +21,15 @@ import base64
 import binascii
 import hmac
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from agent.checks import Check, CheckResult
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -192,36 +194,13 @@ def verify_signature(public_key: Any, sig: Signature, message: bytes) -> None:
     public_key.verify(sig.sig, message, pad, algo)
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
 @dataclass
-class TpmVerifyResult:
+class TpmVerifyResult(CheckResult):
     """``ok`` only if every check passed; what is out of scope is listed in ``not_checked``."""
 
-    checks: list[Check]
     attest: Attest | None = None
     not_checked: tuple[str, ...] = NOT_CHECKED
-    info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks],
-            "not_checked": list(self.not_checked),
-            "info": self.info,
-        }
 
 
 def _b64(evidence: dict[str, Any], key: str) -> bytes:
@@ -291,9 +270,10 @@ def verify_tpm_evidence(evidence: dict[str, Any], nonce: bytes) -> TpmVerifyResu
         verify_signature(ak, sig, attest_raw)
         checks.append(Check("signature", True, f"{HASH_ALGS[sig.hash_alg][0]} signature by ak_public verifies"))
     except TpmParseError as exc:
-        return TpmVerifyResult([*checks, Check("signature", False, str(exc))], attest)
+        return TpmVerifyResult([*checks, Check("signature", False, str(exc))], attest=attest)
     except InvalidSignature:
-        return TpmVerifyResult([*checks, Check("signature", False, "signature does not verify with ak_public")], attest)
+        failed = Check("signature", False, "signature does not verify with ak_public")
+        return TpmVerifyResult([*checks, failed], attest=attest)
 
     nonce_ok = hmac.compare_digest(attest.extra_data, nonce)
     checks.append(Check("nonce", nonce_ok, "qualifying data equals the nonce" if nonce_ok else
@@ -319,7 +299,7 @@ def verify_tpm_evidence(evidence: dict[str, Any], nonce: bytes) -> TpmVerifyResu
         "firmware_version": f"{attest.firmware_version:016x}",
         "signer_name": attest.qualified_signer.hex(),
     }
-    return TpmVerifyResult(checks, attest, info=info)
+    return TpmVerifyResult(checks, attest=attest, info=info)
 
 
 def _describe(key: Any) -> str:

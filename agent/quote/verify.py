@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent.checks import Check
 from agent.quote import _tdxquote
 from agent.quote.parser import Quote, parse_quote
 
@@ -38,18 +39,6 @@ INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cb
 CHECK_NAMES = ("quote_signature", "qe_report_signature", "qe_report_data_binding", "pck_chain")
 
 _CHECK_ERRORS = (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One named self-check and why it passed or failed."""
-
-    name: str
-    passed: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "detail": self.detail}
 
 
 @dataclass(frozen=True)
