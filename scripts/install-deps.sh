@@ -9,7 +9,8 @@ cryptsetup cryptsetup-bin e2fsprogs util-linux kmod iproute2
 fuse3 libfuse2 libfuse3-dev
 initramfs-tools busybox linux-image-amd64 qemu-system-x86 qemu-utils mmdebstrap
 swtpm swtpm-tools libtss2-dev tpm2-tools
-clang libclang-rt-14-dev systemd curl openssl ca-certificates zstd"
+clang libclang-rt-14-dev systemd curl openssl ca-certificates zstd
+nginx-light"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

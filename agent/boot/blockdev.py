@@ -1,0 +1,59 @@
+"""Finding block devices by label and mounting them read-only (util-linux ``blkid``/``mount``).
+
+The device can also be named explicitly (config ``boot.config_device`` / ``boot.cache_device``):
+a block device, or a regular image file, which is attached through a read-only loop device by
+``mount -o loop`` (tests and the demo use that).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+
+
+class DeviceError(Exception):
+    """A device is missing or cannot be mounted."""
+
+
+def find_by_label(label: str, wait_s: float = 0.0, poll_s: float = 0.2) -> str | None:
+    """The device carrying filesystem/LUKS2 label ``label``, polling up to ``wait_s`` for udev."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        proc = subprocess.run(["blkid", "-L", label], capture_output=True, text=True, check=False)
+        dev = proc.stdout.strip()
+        if proc.returncode == 0 and dev:
+            return dev.splitlines()[0]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(poll_s)
+
+
+def resolve(explicit: str, label: str, wait_s: float) -> str | None:
+    """The explicit device/image if configured (None when it does not exist), else the labelled one."""
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    return find_by_label(label, wait_s)
+
+
+def is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def mount_ro(device: str, mountpoint: str) -> None:
+    """Mount read-only with nosuid,nodev,noexec (a loop device for an image file)."""
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    opts = "ro,nosuid,nodev,noexec" + (",loop" if is_regular_file(device) else "")
+    proc = subprocess.run(["mount", "-o", opts, device, mountpoint], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise DeviceError(f"mount {device} read-only at {mountpoint} failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def umount(mountpoint: str) -> None:
+    proc = subprocess.run(["umount", mountpoint], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise DeviceError(f"umount {mountpoint} failed: {proc.stderr.strip() or proc.returncode}")

@@ -1,0 +1,90 @@
+"""The host-supplied config volume (label ``tdx-config``): VM name, miner hotkey, netplan.
+
+Mounted read-only, read with size limits, unmounted before anything else happens; the names are
+validated here (:mod:`agent.boot.names`) so later stages only see clean values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.boot import blockdev
+from agent.boot.names import InvalidNameError, sanitize_vm_name, validate_hotkey
+
+MAX_FILE = 64 * 1024
+FILES = ("hostname", "miner-ss58", "network-config.yaml")
+
+
+class ConfigVolumeError(Exception):
+    """The config volume is missing, unreadable, or holds invalid values (message names the file)."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class BootIdentity:
+    vm_name: str
+    miner_hotkey: str
+    #: Raw netplan text, or None when the file is absent (initramfs-managed network).
+    network_yaml: str | None
+    device: str
+
+
+def _read(path: Path, name: str, required: bool) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if required:
+            raise ConfigVolumeError(f"config volume: file {name!r} missing") from None
+        return None
+    except OSError as exc:
+        raise ConfigVolumeError(f"config volume: cannot open {name!r}: {exc.strerror}") from None
+    try:
+        data = os.read(fd, MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        raise ConfigVolumeError(f"config volume: file {name!r} larger than {MAX_FILE} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigVolumeError(f"config volume: file {name!r} is not UTF-8") from None
+
+
+def read_identity_from_dir(root: Path, device: str = "") -> BootIdentity:
+    """Read and validate the three files from a mounted config volume."""
+    hostname = _read(root / "hostname", "hostname", True) or ""
+    hotkey = _read(root / "miner-ss58", "miner-ss58", True) or ""
+    net = _read(root / "network-config.yaml", "network-config.yaml", False)
+    try:
+        return BootIdentity(sanitize_vm_name(hostname), validate_hotkey(hotkey), net, device)
+    except InvalidNameError as exc:
+        raise ConfigVolumeError(f"config volume: {exc}") from None
+
+
+def read_config_volume(device: str, label: str, mountpoint: str, wait_s: float) -> BootIdentity:
+    """Find (explicit ``device`` or by ``label``), mount read-only, read, unmount."""
+    dev = blockdev.resolve(device, label, wait_s)
+    if dev is None:
+        what = f"device {device}" if device else f"a volume labelled {label!r}"
+        raise ConfigVolumeError(f"config volume: {what} not found", missing=True)
+    try:
+        blockdev.mount_ro(dev, mountpoint)
+    except blockdev.DeviceError as exc:
+        raise ConfigVolumeError(f"config volume: {exc}") from None
+    try:
+        return read_identity_from_dir(Path(mountpoint), dev)
+    finally:
+        try:
+            blockdev.umount(mountpoint)
+        except blockdev.DeviceError as exc:
+            raise ConfigVolumeError(f"config volume: {exc}") from None
+        finally:
+            try:
+                os.rmdir(mountpoint)
+            except OSError:
+                pass

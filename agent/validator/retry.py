@@ -1,0 +1,78 @@
+"""What to do after a failed validator call, by status code (chutes-protocol.md §2.5).
+
+200 done; 401/403 retry with a fresh nonce; 404 give up; 429 back off (honouring ``Retry-After``);
+5xx, connection failures, timeouts and malformed bodies retry. Attempts and total time are bounded.
+Pure logic, no I/O: the caller sleeps.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+from dataclasses import dataclass
+
+from agent.validator.errors import ValidatorError, ValidatorHTTPError
+
+
+class Action(enum.Enum):
+    RETRY = "retry"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay_s: float
+    why: str
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unparseable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds and delays; ``attempt`` counts from 1."""
+
+    max_attempts: int = 5
+    total_timeout_s: float = 300.0
+    backoff_s: float = 2.0
+    backoff_max_s: float = 30.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
+
+    def decide(self, exc: ValidatorError, attempt: int, elapsed_s: float) -> Decision:
+        """Retry or stop after ``exc`` ended attempt number ``attempt``."""
+        if isinstance(exc, ValidatorHTTPError):
+            status = exc.status
+            if status == 404:
+                return Decision(Action.STOP, 0.0, "404: not known to the validator, giving up")
+            if status == 429:
+                delay = exc.retry_after_s if exc.retry_after_s is not None else self.backoff(attempt)
+                delay = min(delay, self.backoff_max_s)
+                why = "429: rate limited" + (" (Retry-After honoured)" if exc.retry_after_s is not None else "")
+            elif status in (401, 403):
+                delay, why = self.backoff_s, f"{status}: refused, retrying with a fresh nonce"
+            else:
+                delay, why = self.backoff(attempt), f"{status}: retrying"
+        else:
+            delay, why = self.backoff(attempt), "no usable answer, retrying"
+        if attempt >= self.max_attempts:
+            return Decision(Action.STOP, 0.0, f"{why}; attempts exhausted ({attempt}/{self.max_attempts})")
+        if elapsed_s + delay >= self.total_timeout_s:
+            return Decision(Action.STOP, 0.0, f"{why}; total time budget {self.total_timeout_s:g}s exhausted")
+        return Decision(Action.RETRY, delay, why)

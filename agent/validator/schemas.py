@@ -1,0 +1,125 @@
+"""Typed views of the validator's JSON answers (chutes-protocol.md §2.3, §2.5, §2.7).
+
+Parsing is strict about the fields the agent uses and tolerant of extra ones: newer validator
+generations add fields (``luks_quote_nonce``, ``root_next``, ...), which are kept and recorded by
+name, never by value. Secret fields are wrapped in :class:`agent.log.Secret` at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.log import Secret
+from agent.validator.errors import ValidatorProtocolError
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+#: Fields of ``BootAttestationResponse`` across validator generations (names only are recorded).
+KNOWN_BOOT_FIELDS = ("key", "boot_token", "luks_quote_nonce", "root_next", "root_confirm_nonce", "vm_auth_ss58")
+
+
+def parse_json_object(endpoint: str, body: bytes) -> dict[str, Any]:
+    """Decode a JSON object body, or raise a protocol error that says what was wrong (never the body)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValidatorProtocolError(endpoint, f"body is not UTF-8 ({len(body)} bytes)") from None
+    except json.JSONDecodeError as exc:
+        raise ValidatorProtocolError(
+            endpoint, f"body is not JSON ({exc.msg} at char {exc.pos}, {len(body)} bytes)") from None
+    except RecursionError:
+        raise ValidatorProtocolError(endpoint, f"body nests too deeply ({len(body)} bytes)") from None
+    if not isinstance(data, dict):
+        raise ValidatorProtocolError(endpoint, f"body is JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _str_field(endpoint: str, data: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ValidatorProtocolError(endpoint, f"field {name!r} missing")
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValidatorProtocolError(endpoint, f"field {name!r} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class NonceResponse:
+    """``GET /servers/nonce`` → ``{"nonce": 64 lowercase hex, "expires_at": ISO-8601}``."""
+
+    nonce: str
+    expires_at: str
+
+    @classmethod
+    def parse(cls, body: bytes) -> NonceResponse:
+        ep = "GET /servers/nonce"
+        data = parse_json_object(ep, body)
+        nonce = _str_field(ep, data, "nonce")
+        assert nonce is not None
+        if not _HEX64.fullmatch(nonce):
+            raise ValidatorProtocolError(
+                ep, f"field 'nonce' must be 64 lowercase hex characters (got {len(nonce)} chars)")
+        expires = _str_field(ep, data, "expires_at", required=False) or ""
+        return cls(nonce=nonce, expires_at=expires)
+
+
+@dataclass
+class BootAttestationResponse:
+    """``POST /servers/boot/attestation`` → root ``key`` plus, by generation, ``boot_token`` or newer fields."""
+
+    key: Secret
+    boot_token: Secret | None
+    luks_quote_nonce: str | None = None
+    root_next: Secret | None = None
+    root_confirm_nonce: str | None = None
+    vm_auth_ss58: str | None = None
+    #: Every top-level field name the validator sent (for boot-status.json; values never recorded).
+    fields_seen: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, body: bytes) -> BootAttestationResponse:
+        ep = "POST /servers/boot/attestation"
+        data = parse_json_object(ep, body)
+        key = _str_field(ep, data, "key")
+        boot_token = _str_field(ep, data, "boot_token", required=False)
+        luks_quote_nonce = _str_field(ep, data, "luks_quote_nonce", required=False)
+        if boot_token is None and luks_quote_nonce is None:
+            # Baseline validators send boot_token, >= 1.3.0 send luks_quote_nonce instead; one must be there.
+            raise ValidatorProtocolError(ep, "field 'boot_token' missing (and no 'luks_quote_nonce' either)")
+        root_next = _str_field(ep, data, "root_next", required=False)
+        resp = cls(
+            key=Secret(key or ""),
+            boot_token=Secret(boot_token) if boot_token is not None else None,
+            luks_quote_nonce=luks_quote_nonce,
+            root_next=Secret(root_next) if root_next is not None else None,
+            root_confirm_nonce=_str_field(ep, data, "root_confirm_nonce", required=False),
+            vm_auth_ss58=_str_field(ep, data, "vm_auth_ss58", required=False),
+            fields_seen=sorted(data),
+        )
+        data.clear()
+        return resp
+
+    def wipe(self) -> None:
+        """Zero every secret this response holds."""
+        for s in (self.key, self.boot_token, self.root_next):
+            if s is not None:
+                s.wipe()
+
+
+@dataclass
+class VolumeKeyResponse:
+    """``GET``/``PUT /servers/{vm_name}/luks`` → ``{"passphrase": "…"}``."""
+
+    passphrase: Secret
+
+    @classmethod
+    def parse(cls, endpoint: str, body: bytes) -> VolumeKeyResponse:
+        data = parse_json_object(endpoint, body)
+        value = _str_field(endpoint, data, "passphrase")
+        data.clear()
+        return cls(passphrase=Secret(value or ""))
