@@ -1,17 +1,46 @@
-"""Placeholder: implemented by its issue."""
+"""Full simulated boot + service on this machine (no TDX, no GPU): the README's main job.
+
+Runs the faithful validator, the emulated configfs-tsm with simulated quotes, eight emulated GPUs and
+a real LUKS2 image; performs the boot flow; serves both sockets and prints ready-to-paste curl
+commands. Ctrl-C stops everything. Needs root (loop mount of the config volume, FUSE, cryptsetup).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from agent.cli import EXIT_USAGE
 from agent.config import AgentConfig
+
+FAIL_MODES = ("none", "cipher-null", "wrong-key", "404", "401", "garbage")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--work-dir", metavar="DIR", help="where images, config and sockets go (default: new temp dir)")
+    parser.add_argument("--quote", choices=("emulated", "simulated"), default="emulated",
+                        help="emulated = production configfs-tsm reader over the FUSE emulator (default); "
+                             "simulated = the simulated source directly")
+    parser.add_argument("--fail", choices=FAIL_MODES, default="none",
+                        help="inject one boot failure to watch the agent fail closed")
+    parser.add_argument("--boot-only", action="store_true", help="stop after the boot flow")
+    parser.add_argument("--once", action="store_true",
+                        help="call every route once, print PASS/FAIL and exit instead of waiting for Ctrl-C")
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    print("chutes-attest: 'demo' is not implemented yet", file=sys.stderr)
-    return 1
+    import asyncio
+
+    from agent.sim.demo import default_work_dir, run_demo
+
+    if os.geteuid() != 0:
+        print("chutes-attest demo: needs root (loop mount of the config volume, FUSE, cryptsetup)", file=sys.stderr)
+        return EXIT_USAGE
+    work = Path(args.work_dir) if args.work_dir else default_work_dir()
+    try:
+        return asyncio.run(run_demo(work, quote=args.quote, fail=args.fail, boot_only=args.boot_only,
+                                    once=args.once))
+    except KeyboardInterrupt:
+        return 0
