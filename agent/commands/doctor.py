@@ -1,17 +1,173 @@
-"""Placeholder: implemented by its issue."""
+"""Check this VM's attestation prerequisites and say what is wrong, one line per check.
+
+tdx_guest module and device, the configfs-tsm provider, a real quote through configfs (QGS answering),
+NVML, GPU confidential-computing mode, the service certificate and both service sockets.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+from agent.cli import EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
 from agent.config import AgentConfig
 
 
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok" | "fail" | "warn" | "skip"
+    detail: str
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--skip-quote", action="store_true", help="do not request a test quote")
+    add_json_flag(parser)
+
+
+def check_tdx_guest(sysfs: str = "/sys", dev: str = "/dev") -> Check:
+    loaded = Path(sysfs, "module", "tdx_guest").exists()
+    device = Path(dev, "tdx_guest")
+    if device.exists():
+        return Check("tdx_guest", "ok", f"{device} present" + (" (module loaded)" if loaded else " (built in)"))
+    if loaded:
+        return Check("tdx_guest", "fail", f"module tdx_guest loaded but {device} missing (udev/devtmpfs?)")
+    return Check("tdx_guest", "fail", f"no {device} and module tdx_guest not loaded: not a TDX guest, or "
+                                      "run 'modprobe tdx_guest'")
+
+
+def check_tsm(cfg: AgentConfig) -> Check:
+    root = Path(cfg.quote.configfs_root)
+    if cfg.quote.source == "simulated":
+        return Check("tsm", "warn", "quote.source=simulated: configfs-tsm not used (quotes are NOT hardware)")
+    if not root.is_dir():
+        parent = root.parent
+        if not Path("/sys/kernel/config").is_dir() or not any(Path("/sys/kernel/config").iterdir()):
+            return Check("tsm", "fail", "configfs not mounted at /sys/kernel/config "
+                                        "(mount -t configfs none /sys/kernel/config)")
+        return Check("tsm", "fail", f"{root} missing ({parent} exists? {parent.is_dir()}): kernel without "
+                                    "CONFIG_TSM_REPORTS or tdx_guest not loaded")
+    if not os.access(root, os.W_OK):
+        return Check("tsm", "fail", f"{root} not writable by uid {os.getuid()}")
+    return Check("tsm", "ok", f"{root} present and writable (provider checked on the test quote)")
+
+
+def check_quote(cfg: AgentConfig) -> Check:
+    from agent.evidence.base import EvidenceError
+    from agent.evidence.sources import make_quote_source
+    from agent.quote import parse_quote
+
+    rd = os.urandom(64)
+    started = time.monotonic()
+    try:
+        source = make_quote_source(cfg)
+        raw = source.get_quote(rd)
+        q = parse_quote(raw)
+    except EvidenceError as exc:
+        return Check("quote", "fail", f"no quote: {exc}")
+    except Exception as exc:
+        return Check("quote", "fail", f"quote does not parse: {type(exc).__name__}: {exc}")
+    took = time.monotonic() - started
+    if bytes(q.report_data) != rd:
+        return Check("quote", "fail", "quote carries a different report_data than requested")
+    sim = " (SIMULATED)" if getattr(source, "name", "") == "simulated" else ""
+    debug = "; TD DEBUG bit set: validators will refuse it" if q.debug else ""
+    return Check("quote", "warn" if (sim or debug) else "ok",
+                 f"{len(raw)}-byte v{q.version} quote in {took:.2f}s from {getattr(source, 'name', '?')}{sim}{debug}")
+
+
+def check_gpus(cfg: AgentConfig) -> list[Check]:
+    if not cfg.gpu.enabled:
+        return [Check("nvml", "skip", "gpu.enabled=false"), Check("cc_mode", "skip", "gpu.enabled=false")]
+    import asyncio
+
+    from agent.evidence.base import EvidenceError
+    from agent.evidence.gpu_sources import make_gpu_source
+
+    try:
+        src: Any = make_gpu_source(cfg)
+        devices = asyncio.run(src.devices(None))
+    except (EvidenceError, ValueError, OSError) as exc:
+        return [Check("nvml", "fail", f"NVML unavailable: {exc}"), Check("cc_mode", "skip", "needs NVML")]
+    names = sorted({d.get("name", "?") for d in devices})
+    emu = " (EMULATED)" if cfg.gpu.emulate else ""
+    out = [Check("nvml", "ok" if devices and not emu else ("warn" if devices else "fail"),
+                 f"{len(devices)} GPU(s): {', '.join(names) or 'none'}{emu}")]
+    try:
+        cc = src.cc_state() if hasattr(src, "cc_state") else None
+    except EvidenceError as exc:
+        out.append(Check("cc_mode", "fail", f"cannot read CC state: {exc}"))
+        return out
+    if cc is None:
+        out.append(Check("cc_mode", "skip", "source does not report CC state"))
+    elif cc["dev_tools_mode"]:
+        out.append(Check("cc_mode", "fail", "CC DevTools mode is on: GPUs are debuggable, evidence refused"))
+    elif cc["cc_feature"] or cc["multi_gpu_mode"] == "protected_pcie":
+        out.append(Check("cc_mode", "ok", f"CC on (environment={cc['environment']}, "
+                                          f"multi_gpu_mode={cc['multi_gpu_mode']})"))
+    else:
+        out.append(Check("cc_mode", "fail", "GPU confidential computing is off: enable CC mode on the host "
+                                            "(nvidia-smi conf-compute -scc / nvidia_gpu_tools.py)"))
+    return out
+
+
+def check_cert(cfg: AgentConfig) -> Check:
+    from agent.serve.service_cert import ServiceCertError, load_or_create
+
+    try:
+        cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path, create=False)
+    except ServiceCertError as exc:
+        return Check("service_cert", "fail", f"{exc} ('chutes-attest serve' creates it on first start)")
+    return Check("service_cert", "ok", f"{cfg.serve.cert_path} SPKI sha256 {cert.spki_sha256.hex()[:16]}…")
+
+
+def check_socket(name: str, path: str, route: str) -> Check:
+    import http.client
+    import socket
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Check(f"{name}_socket", "fail", f"{path} missing: is chutes-attest.socket/.service running?")
+    if not stat.S_ISSOCK(st.st_mode):
+        return Check(f"{name}_socket", "fail", f"{path} exists but is not a socket")
+    conn = http.client.HTTPConnection("localhost", timeout=5)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        conn.sock = s
+        conn.request("GET", route)
+        resp = conn.getresponse()
+        body = resp.read(200)
+    except OSError as exc:
+        return Check(f"{name}_socket", "fail", f"{path}: {exc.strerror or exc}")
+    finally:
+        conn.close()
+    mode = stat.filemode(st.st_mode)
+    if resp.status != 200:
+        return Check(f"{name}_socket", "fail", f"{path} GET {route} -> HTTP {resp.status} {body[:80]!r}")
+    return Check(f"{name}_socket", "ok", f"{path} ({mode}) answers GET {route}")
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    print("chutes-attest: 'doctor' is not implemented yet", file=sys.stderr)
-    return 1
+    import json
+
+    checks: list[Check] = [check_tdx_guest(), check_tsm(cfg)]
+    checks.append(Check("quote", "skip", "--skip-quote") if args.skip_quote else check_quote(cfg))
+    checks += check_gpus(cfg)
+    checks.append(check_cert(cfg))
+    checks.append(check_socket("compat", cfg.serve.compat_socket, "/health"))
+    checks.append(check_socket("chute", cfg.serve.chute_socket, "/v1/health"))
+    failed = any(c.status == "fail" for c in checks)
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status.upper():4}  {c.name:13} {c.detail}")
+    return EXIT_UNAVAILABLE if failed else EXIT_OK

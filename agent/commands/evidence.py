@@ -1,17 +1,75 @@
-"""Placeholder: implemented by its issue."""
+"""Collect a TDX quote and GPU evidence bound to a nonce, exactly as ``GET /v1/evidence`` does.
+
+REPORTDATA = nonce (32 bytes) ‖ SHA-256(SPKI of the service certificate); the GPU evidence carries the
+same nonce. Prints the /v1/evidence document with ``--json``, a short summary otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
 from agent.config import AgentConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--nonce", required=True, metavar="HEX", help="64 hex characters (32 bytes)")
+    parser.add_argument("--gpu-ids", action="append", default=[], metavar="IDS",
+                        help="GPU UUIDs (GPU-… or bare), repeatable and/or comma-separated; default all")
+    add_json_flag(parser)
+
+
+async def _collect(cfg: AgentConfig, nonce: bytes, gpu_ids: list[str] | None) -> dict:
+    from agent.evidence.gpu_sources import make_gpu_source
+    from agent.evidence.quote_queue import QuoteQueue
+    from agent.evidence.sources import make_quote_source
+    from agent.serve.collector import Collector
+    from agent.serve.service_cert import load_or_create
+
+    cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path)
+    queue = QuoteQueue(make_quote_source(cfg), max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)
+    try:
+        return await Collector(cfg, cert, queue, make_gpu_source(cfg)).evidence(nonce, gpu_ids, caller="cli")
+    finally:
+        await queue.aclose()
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    print("chutes-attest: 'evidence' is not implemented yet", file=sys.stderr)
-    return 1
+    import asyncio
+    import json
+
+    from agent.evidence.base import EvidenceError
+    from agent.evidence.device_info import GpuIdError, parse_gpu_ids
+    from agent.evidence.report_data import ReportDataError, parse_nonce
+    from agent.serve.service_cert import ServiceCertError
+
+    try:
+        nonce = parse_nonce(args.nonce)
+        gpu_ids = parse_gpu_ids(args.gpu_ids) if args.gpu_ids else None
+    except (ReportDataError, GpuIdError) as exc:
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        doc = asyncio.run(_collect(cfg, nonce, gpu_ids))
+    except ServiceCertError as exc:
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except GpuIdError as exc:
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except EvidenceError as exc:
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ValueError as exc:  # configuration (e.g. an unknown gpu.emulate spec)
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"nonce        {doc['nonce']}")
+        print(f"report_data  {doc['report_data']}")
+        print(f"quote        {len(doc['quote'])} base64 chars")
+        print(f"gpu evidence {len(doc['gpu_evidence'])} item(s)")
+        print(f"tpm          {'present' if doc['tpm'] else 'none'}")
+    return EXIT_OK

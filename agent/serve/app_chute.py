@@ -1,0 +1,182 @@
+"""The chute socket: ``/v1/*`` JSON API for containers (evidence, rint nonces and checks, symkey checks).
+
+Errors are ``{"error": code, "detail": text}``; 4xx only for malformed requests. Verify endpoints answer
+every well-formed request with 200 and ``{"valid": bool, "reason": code}``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent import __version__
+from agent.log import Secret
+from agent.serve import rint, symkey
+from agent.serve.context import ctx_of
+from agent.serve.errors import ApiError, json_response
+from agent.serve.handlers_common import evidence_call, peer_of, query_gpu_ids, query_nonce, rate_limit
+from agent.serve.middleware import read_json_object
+from agent.validator.rint_relay import RelayError, fetch_validator_nonce
+
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    status = ctx.health.get("status", "ok")
+    return json_response({"status": status}, 200 if status == "ok" else 503)
+
+
+def _boot_status(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"error": f"unreadable boot status {path}: {type(exc).__name__}"}
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    c = ctx.collector
+    queue = c.queue
+    stats = getattr(queue, "stats", None)
+    return json_response({
+        "service": "chutes-attest",
+        "versions": {"agent": __version__, "python": platform.python_version(), "aiohttp": aiohttp.__version__},
+        "uptime_s": round(time.time() - ctx.started_at, 3),
+        "health": ctx.health,
+        "boot": _boot_status(ctx.cfg.serve.boot_status_path),
+        "measurements": ctx.measurements,
+        "quote_source": getattr(getattr(queue, "source", None), "name", ctx.cfg.quote.source),
+        "queue": {"depth": getattr(queue, "depth", 0), "stats": stats if isinstance(stats, dict) else None},
+        "rint": {"live_nonces": len(ctx.nonces), "issued": ctx.nonces.issued, "consumed": ctx.nonces.consumed},
+        "counters": {
+            "requests": dict(ctx.counters),
+            "rate_limited": {"evidence": ctx.evidence_limiter.rejected, "nonce": ctx.nonce_limiter.rejected},
+            "quotes": {"ok": c.health.ok, "failed": c.health.failed},
+            "connections": {name: {"open": len(t.states), "accepted": t.accepted, "refused": t.refused,
+                                   "timed_out": t.timed_out} for name, t in ctx.trackers.items()},
+        },
+    })
+
+
+async def evidence(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    nonce = query_nonce(request)
+    gpu_ids = query_gpu_ids(request)
+    peer = peer_of(request)
+    rate_limit(ctx.evidence_limiter, peer, "evidence")
+    return json_response(await evidence_call(ctx.collector.evidence(nonce, gpu_ids, caller=peer.scope)))
+
+
+async def devices(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    gpu_ids = query_gpu_ids(request)
+    return json_response({"devices": await evidence_call(ctx.collector.devices(gpu_ids))})
+
+
+async def rint_nonce(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    peer = peer_of(request)
+    rate_limit(ctx.nonce_limiter, peer, "nonce")
+    nonce, expires_at = ctx.nonces.issue(peer.scope)
+    return json_response({"nonce": nonce, "expires_at": expires_at})
+
+
+def _str_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        raise ApiError(400, f"missing_{name}", f"{name}: required")
+    if not isinstance(value, str):
+        raise ApiError(400, f"bad_{name}", f"{name}: expected a string, got {type(value).__name__}")
+    return value
+
+
+async def rint_verify(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    body = await read_json_object(request)
+    nonce = _str_field(body, "nonce")
+    if not _HEX32.fullmatch(nonce):
+        raise ApiError(400, "bad_nonce", "nonce: expected 32 hex characters (an issued rint nonce)")
+    commitment = _str_field(body, "commitment").strip()
+    if not commitment or not _HEX.fullmatch(commitment):
+        raise ApiError(400, "bad_commitment", "commitment: expected a non-empty hex string")
+    outcome = ctx.nonces.consume(nonce.lower(), peer_of(request).scope)
+    if outcome != "ok":
+        return json_response({"valid": False, "reason": outcome})
+    return json_response(rint.verify_commitment(commitment, nonce.lower()).as_json())
+
+
+async def rint_validator_nonce(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    raw = request.headers.get("Authorization", "").strip()
+    if raw.lower().startswith("bearer "):
+        raw = raw[7:].strip()
+    if not raw:
+        raise ApiError(401, "missing_token", "authorization: the launch JWT is required in the Authorization header")
+    rate_limit(ctx.nonce_limiter, peer_of(request), "nonce")
+    token = Secret(raw)
+    del raw
+    s = ctx.cfg.serve
+    try:
+        nonce = await fetch_validator_nonce(
+            token, allowed_hosts=s.validator_hosts, timeout_s=s.relay_timeout_s, ca_bundle=s.relay_ca_bundle,
+        )
+    except RelayError as exc:
+        raise ApiError(exc.status, exc.code, exc.detail) from None
+    finally:
+        token.wipe()
+    return json_response({"nonce": nonce})
+
+
+def _symkey_fields(body: dict[str, Any]) -> tuple[bytes, str, int]:
+    key_hex = _str_field(body, "symmetric_key")
+    if not _HEX32.fullmatch(key_hex):
+        raise ApiError(400, "bad_symmetric_key", "symmetric_key: expected 32 hex characters (16 bytes)")
+    proto = _str_field(body, "proto").lower()
+    if proto not in symkey.PROTOCOLS:
+        raise ApiError(400, "bad_proto", f"proto: expected one of {', '.join(symkey.PROTOCOLS)}")
+    port = body.get("port")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if port is None:
+        raise ApiError(400, "missing_port", "port: required")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ApiError(400, "bad_port", "port: expected an integer 1..65535")
+    return bytes.fromhex(key_hex), proto, port
+
+
+async def symkey_verify(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    key, proto, port = _symkey_fields(body)
+    response = _str_field(body, "response")
+    valid, reason = symkey.verify_response(key, response, proto, port)
+    return json_response({"valid": valid, "reason": reason})
+
+
+async def symkey_respond(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    key, proto, port = _symkey_fields(body)
+    return json_response({"response": symkey.encrypt_response(key, symkey.expected_plaintext(proto, port))})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/status", status)
+    r.add_get("/v1/evidence", evidence)
+    r.add_get("/v1/devices", devices)
+    r.add_post("/v1/rint/nonce", rint_nonce)
+    r.add_post("/v1/rint/verify", rint_verify)
+    r.add_get("/v1/rint/validator-nonce", rint_validator_nonce)
+    r.add_post("/v1/symkey/verify", symkey_verify)
+    r.add_post("/v1/symkey/respond", symkey_respond)

@@ -1,0 +1,46 @@
+"""State shared by both apps: config, evidence collector, nonce store, limiters, counters."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.config import AgentConfig
+from agent.serve.collector import Collector
+from agent.serve.ratelimit import KeyedLimiter
+from agent.serve.rint import NonceStore
+
+CTX_KEY: web.AppKey[ServiceContext] = web.AppKey("chutes_attest_ctx")
+
+
+@dataclass
+class ServiceContext:
+    cfg: AgentConfig
+    collector: Collector
+    nonces: NonceStore
+    evidence_limiter: KeyedLimiter
+    nonce_limiter: KeyedLimiter
+    measurements: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    counters: Counter[str] = field(default_factory=Counter)
+    trackers: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=lambda: {"status": "starting"})
+
+    @classmethod
+    def build(cls, cfg: AgentConfig, collector: Collector) -> ServiceContext:
+        s = cfg.serve
+        return cls(
+            cfg=cfg,
+            collector=collector,
+            nonces=NonceStore(s.rint_nonce_ttl_s, s.rint_nonces_per_caller),
+            evidence_limiter=KeyedLimiter(s.evidence_rate_per_s, s.evidence_burst),
+            nonce_limiter=KeyedLimiter(s.nonce_rate_per_s, s.nonce_burst),
+        )
+
+
+def ctx_of(request: web.Request) -> ServiceContext:
+    return request.app[CTX_KEY]

@@ -1,0 +1,45 @@
+"""HTTP error values for both sockets, so handlers raise one thing and each app renders its own shape.
+
+The chute socket answers ``{"error": code, "detail": text}``; the compat socket keeps the existing
+service's ``{"detail": text}`` (but with a 4xx status for bad input instead of a blanket 500).
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class ApiError(Exception):
+    """A request failed with a known status, a stable machine code and a one-line reason."""
+
+    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def bad_request(code: str, detail: str) -> ApiError:
+    """400 naming the offending field in ``detail``."""
+    return ApiError(400, code, detail)
+
+
+def chute_body(err: ApiError) -> dict[str, str]:
+    return {"error": err.code, "detail": err.detail}
+
+
+def compat_body(err: ApiError) -> dict[str, str]:
+    return {"detail": err.detail}
+
+
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON encoded the way the old FastAPI service encoded it (compact, UTF-8)."""
+    return web.Response(
+        body=json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )

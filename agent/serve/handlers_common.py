@@ -1,0 +1,68 @@
+"""Input parsing and evidence-error mapping shared by the compat and chute handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from agent.evidence.base import DeadlineExceeded, EvidenceError, GpuEvidenceError, QueueFullError
+from agent.evidence.device_info import GpuIdError, parse_gpu_ids
+from agent.evidence.report_data import ReportDataError, parse_nonce
+from agent.serve.errors import ApiError
+from agent.serve.middleware import PEER_KEY
+from agent.serve.peer import UNKNOWN, Peer
+from agent.serve.ratelimit import KeyedLimiter, retry_after_header
+
+
+def peer_of(request: web.Request) -> Peer:
+    return request.get(PEER_KEY, UNKNOWN)
+
+
+def query_nonce(request: web.Request) -> bytes:
+    """The required ``nonce`` query parameter: exactly 64 hex characters (32 bytes), never truncated."""
+    values = request.query.getall("nonce", [])
+    if not values:
+        raise ApiError(400, "missing_nonce", "nonce: required query parameter (64 hex characters)")
+    if len(values) > 1:
+        raise ApiError(400, "bad_nonce", "nonce: given more than once")
+    try:
+        return parse_nonce(values[0])
+    except ReportDataError as exc:
+        raise ApiError(400, "bad_nonce", str(exc)) from None
+
+
+def query_gpu_ids(request: web.Request) -> list[str] | None:
+    """``gpu_ids`` repeated and/or comma-separated, ``GPU-`` or bare; None = all GPUs."""
+    values = request.query.getall("gpu_ids", [])
+    if not values:
+        return None
+    try:
+        return parse_gpu_ids(values)
+    except GpuIdError as exc:
+        raise ApiError(400, "bad_gpu_ids", str(exc)) from None
+
+
+def rate_limit(limiter: KeyedLimiter, peer: Peer, what: str) -> None:
+    wait = limiter.check(peer.scope)
+    if wait:
+        raise ApiError(429, "rate_limited", f"too many {what} requests from this caller; retry later",
+                       headers={"Retry-After": retry_after_header(wait)})
+
+
+async def evidence_call(coro: Any) -> Any:
+    """Await hardware work, mapping evidence errors to HTTP: 429 queue full, 504 deadline, 400 unknown
+    GPU id, 503 source unavailable."""
+    try:
+        return await coro
+    except QueueFullError as exc:
+        raise ApiError(429, "queue_full", str(exc),
+                       headers={"Retry-After": retry_after_header(exc.retry_after_s)}) from None
+    except DeadlineExceeded as exc:
+        raise ApiError(504, "deadline_exceeded", str(exc) or "evidence deadline exceeded") from None
+    except GpuEvidenceError as exc:
+        raise ApiError(503, "gpu_unavailable", str(exc)) from None
+    except EvidenceError as exc:
+        raise ApiError(503, "quote_unavailable", str(exc)) from None
+    except GpuIdError as exc:  # a well-formed id that names no GPU on this node
+        raise ApiError(400, "bad_gpu_ids", str(exc)) from None

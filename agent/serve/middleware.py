@@ -1,0 +1,113 @@
+"""The per-request wrapper both sockets share: caller identity, body cap, timeout, error shape, one log event.
+
+Every request produces exactly one ``serve.request`` event (route, status, duration_ms, peer_pid,
+peer_uid, container) and nothing a handler raises becomes a 500 with a stack trace on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.log import get_logger
+from agent.serve.connections import ConnTracker
+from agent.serve.errors import ApiError, json_response
+from agent.serve.peer import UNKNOWN, Peer
+
+log = get_logger("agent.serve.request")
+
+PEER_KEY: web.RequestKey[Peer] = web.RequestKey("chutes_attest_peer", Peer)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Renderer = Callable[[ApiError], dict[str, str]]
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+               414: "uri_too_long", 429: "rate_limited", 431: "headers_too_large"}
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def make_middleware(
+    tracker: ConnTracker, *, socket_name: str, render: Renderer, max_body: int, timeout_s: float,
+    counters: Any, no_timeout: frozenset[tuple[str, str]] = frozenset(),
+) -> Any:
+    """Build the middleware for one socket; ``no_timeout`` lists (method, path) that never wait on I/O.
+
+    The request logger is bound here, once (a concrete structlog logger, not the lazy proxy that
+    re-binds on every call): logging configuration must be in place before the service starts.
+    """
+    req_log = log.bind(socket=socket_name)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        transport = request.transport
+        st = tracker.request_started(transport)
+        peer = st.peer if st is not None else UNKNOWN
+        request[PEER_KEY] = peer
+        status = 500
+        try:
+            try:
+                if request.content_length is not None and request.content_length > max_body:
+                    raise ApiError(413, "body_too_large", f"request body over {max_body} bytes")
+                if (request.method, request.path) not in no_timeout:
+                    async with asyncio.timeout(timeout_s):
+                        resp = await handler(request)
+                else:  # routes that never wait on I/O or a body: skip the per-request timer
+                    resp = await handler(request)
+            except ApiError as err:
+                resp = json_response(render(err), err.status, err.headers)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                code = _HTTP_CODES.get(exc.status, "http_error")
+                detail = exc.reason if exc.status != 413 else f"request body over {max_body} bytes"
+                headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+                resp = json_response(render(ApiError(exc.status, code, detail)), exc.status, headers)
+            except TimeoutError:
+                err = ApiError(504, "timeout", f"request took longer than {timeout_s:g}s")
+                resp = json_response(render(err), 504)
+            except Exception as exc:  # last resort: log the type, never leak a traceback to the caller
+                log.error("serve.internal_error", socket=socket_name, route=_route_name(request),
+                          error_type=type(exc).__name__, exc_info=True)
+                resp = json_response(render(ApiError(500, "internal", "internal error")), 500)
+            status = resp.status
+            if tracker.draining:
+                resp.force_close()  # no further keep-alive requests while shutting down
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # the connection went away (or drain timed out) mid-request
+            raise
+        finally:
+            duration_ms = round((time.perf_counter() - start) * 1000, 3)
+            route = _route_name(request)
+            counters[f"{socket_name} {route} {status}"] += 1
+            req_log.info("serve.request", method=request.method, route=route, status=status,
+                         duration_ms=duration_ms, peer_pid=peer.pid, peer_uid=peer.uid,
+                         container=peer.container or peer.pod or "")
+            tracker.request_finished(transport, st)
+
+    return middleware
+
+
+async def read_json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; 400 naming the problem otherwise (413 comes from the size cap)."""
+    raw = await request.read()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise ApiError(400, "bad_json", "body: expected a JSON object, got an empty body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"body: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", f"body: expected a JSON object, got {type(data).__name__}")
+    return data

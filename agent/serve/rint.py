@@ -1,0 +1,247 @@
+"""Runtime-integrity ("rint") nonces and commitment checks; pure protocol logic, no I/O.
+
+Commitment layouts (chutes-protocol.md §7.1, §7.2):
+
+- v3, 162 bytes: ``03 03`` ‖ secp256k1 pubkey x‖y (64) ‖ nonce (16) ‖ lib_fp (16) ‖ ECDSA r‖s (64) over
+  SHA-256(version ‖ pubkey ‖ nonce ‖ lib_fp); nonce = SHA-256("rint-nonce-v3" ‖ lib_fp ‖ issued nonce as
+  32 ASCII hex)[:16].
+- v4, 146 bytes: ``04 04`` ‖ Ed25519 pubkey (32) ‖ nonce (16) ‖ lib_proof (32) ‖ Ed25519 signature (64) over
+  version ‖ pubkey ‖ nonce ‖ lib_proof (signed directly); the embedded nonce must equal the issued nonce's
+  16 bytes (stricter than the public validator, which does not compare it).
+
+Nonces are one-time, scoped to the caller that asked for them, and consumed by a single synchronous
+``dict.pop`` on the event loop: of any number of concurrent verifies, exactly one sees the nonce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+NONCE_BYTES = 16
+V3_LEN = 162
+V4_LEN = 146
+V3_NONCE_TAG = b"rint-nonce-v3"
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+class CommitmentFormatError(ValueError):
+    """The commitment is hex of the wrong length/prefix/version; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A parsed commitment; ``proof`` is lib_fp (v3, 16 bytes) or lib_proof (v4, 32 bytes)."""
+
+    version: int
+    pubkey: bytes
+    nonce: bytes
+    proof: bytes
+    signature: bytes
+
+    @property
+    def signed_message(self) -> bytes:
+        return bytes([self.version]) + self.pubkey + self.nonce + self.proof
+
+    def fields(self) -> dict[str, object]:
+        proof_name = "lib_fp" if self.version == 3 else "lib_proof"
+        return {
+            "version": self.version,
+            "pubkey": self.pubkey.hex(),
+            "nonce": self.nonce.hex(),
+            proof_name: self.proof.hex(),
+            "signature": self.signature.hex(),
+        }
+
+
+def parse_commitment(text: str) -> Commitment:
+    """Parse the hex commitment; raises :class:`CommitmentFormatError` (a 200/valid=false case)."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise CommitmentFormatError("not_hex", "commitment is not hex") from None
+    if len(raw) < 2:
+        raise CommitmentFormatError("bad_length", f"commitment is {len(raw)} bytes")
+    prefix, version = raw[0], raw[1]
+    if prefix != version or prefix not in (3, 4):
+        raise CommitmentFormatError(
+            "unsupported_version", f"commitment prefix/version {prefix:02x} {version:02x}, expected 03 03 or 04 04"
+        )
+    want = V3_LEN if version == 3 else V4_LEN
+    if len(raw) != want:
+        raise CommitmentFormatError("bad_length", f"v{version} commitment is {len(raw)} bytes, expected {want}")
+    if version == 3:
+        return Commitment(3, raw[2:66], raw[66:82], raw[82:98], raw[98:162])
+    return Commitment(4, raw[2:34], raw[34:50], raw[50:82], raw[82:146])
+
+
+def expected_nonce(version: int, issued_hex: str, proof: bytes) -> bytes:
+    """The 16 nonce bytes a commitment for ``issued_hex`` must embed."""
+    if version == 3:
+        return hashlib.sha256(V3_NONCE_TAG + proof + issued_hex.encode("ascii")).digest()[:NONCE_BYTES]
+    return bytes.fromhex(issued_hex)
+
+
+def check_signature(c: Commitment) -> bool:
+    """True when the commitment's signature verifies under its own embedded key."""
+    try:
+        if c.version == 3:
+            r = int.from_bytes(c.signature[:32], "big")
+            s = int.from_bytes(c.signature[32:], "big")
+            if not (0 < r < _SECP256K1_N and 0 < s < _SECP256K1_N):
+                return False
+            pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), b"\x04" + c.pubkey)
+            digest = hashlib.sha256(c.signed_message).digest()
+            pub.verify(encode_dss_signature(r, s), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        else:
+            ed25519.Ed25519PublicKey.from_public_bytes(c.pubkey).verify(c.signature, c.signed_message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    valid: bool
+    reason: str
+    commitment: Commitment | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"valid": self.valid, "reason": self.reason}
+        if self.commitment is not None:
+            out["commitment"] = self.commitment.fields()
+        return out
+
+
+def verify_commitment(commitment_hex: str, issued_hex: str) -> VerifyResult:
+    """Check a commitment against an issued nonce that the caller has already consumed."""
+    try:
+        c = parse_commitment(commitment_hex)
+    except CommitmentFormatError as exc:
+        return VerifyResult(False, exc.reason)
+    if not secrets.compare_digest(c.nonce, expected_nonce(c.version, issued_hex, c.proof)):
+        return VerifyResult(False, "nonce_mismatch", c)
+    if not check_signature(c):
+        return VerifyResult(False, "bad_signature", c)
+    return VerifyResult(True, "ok", c)
+
+
+def iso_utc(epoch: float) -> str:
+    """ISO-8601 UTC with second precision, like the validator's ``expires_at``."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NonceStore:
+    """One-time nonces with a TTL, scoped per caller, bounded per caller and overall.
+
+    ``consume`` answers "ok", "unknown_nonce", "replayed" or "expired"; a nonce issued to another scope
+    reads as unknown and is left alone (a neighbour cannot burn it).
+    """
+
+    def __init__(
+        self, ttl_s: float, per_scope: int, *, max_total: int = 1_000_000, replay_memory: int = 65536,
+        clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.per_scope = per_scope
+        self.max_total = max_total
+        self._clock = clock
+        self._wall = wall
+        self._live: dict[str, tuple[str, float]] = {}  # nonce -> (scope, monotonic expiry)
+        self._by_scope: dict[str, OrderedDict[str, None]] = {}
+        self._spent: OrderedDict[str, tuple[str, float]] = OrderedDict()  # recently spent -> (reason, expiry)
+        self._replay_memory = replay_memory
+        self.issued = 0
+        self.consumed = 0
+        self.evicted = 0
+        self._iso: tuple[int, str] = (-1, "")  # expires_at text per whole second (strftime is not free)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def issue(self, scope: str) -> tuple[str, str]:
+        """A fresh nonce for ``scope`` -> (32 hex, expires_at ISO-8601 UTC)."""
+        nonce = secrets.token_hex(NONCE_BYTES)
+        expiry = self._clock() + self.ttl_s
+        self._live[nonce] = (scope, expiry)
+        owned = self._by_scope.setdefault(scope, OrderedDict())
+        owned[nonce] = None
+        if len(owned) > self.per_scope:
+            self._drop(next(iter(owned)))
+        if len(self._live) > self.max_total:
+            self.purge_expired()
+            if len(self._live) > self.max_total:
+                self._drop(next(iter(self._live)))
+        self.issued += 1
+        second = int(self._wall() + self.ttl_s)
+        if self._iso[0] != second:
+            self._iso = (second, iso_utc(second))
+        return nonce, self._iso[1]
+
+    def _drop(self, nonce: str) -> None:
+        entry = self._live.pop(nonce, None)
+        if entry is None:
+            return
+        owned = self._by_scope.get(entry[0])
+        if owned is not None:
+            owned.pop(nonce, None)
+            if not owned:
+                del self._by_scope[entry[0]]
+        self.evicted += 1
+
+    def _remember_spent(self, nonce: str, reason: str, expiry: float) -> None:
+        self._spent[nonce] = (reason, expiry)
+        if len(self._spent) > self._replay_memory:
+            self._spent.popitem(last=False)
+
+    def consume(self, nonce: str, scope: str) -> str:
+        """Take the nonce out of the store (atomically on the event loop) and say why if it can't be."""
+        entry = self._live.get(nonce)
+        if entry is None:
+            spent = self._spent.get(nonce)
+            return spent[0] if spent is not None else "unknown_nonce"
+        owner, expiry = entry
+        if owner != scope:
+            return "unknown_nonce"
+        del self._live[nonce]
+        owned = self._by_scope.get(owner)
+        if owned is not None:
+            owned.pop(nonce, None)
+            if not owned:
+                del self._by_scope[owner]
+        if self._clock() > expiry:
+            self._remember_spent(nonce, "expired", expiry)
+            return "expired"
+        self._remember_spent(nonce, "replayed", expiry)
+        self.consumed += 1
+        return "ok"
+
+    def purge_expired(self) -> int:
+        """Drop every expired nonce (run periodically); returns how many went."""
+        now = self._clock()
+        gone = [n for n, (_, exp) in self._live.items() if exp < now]
+        for n in gone:
+            expiry = self._live[n][1]
+            self._drop(n)
+            self._remember_spent(n, "expired", expiry)
+        self.evicted -= len(gone)
+        while self._spent:
+            _reason, exp = next(iter(self._spent.values()))
+            if exp + self.ttl_s >= now:
+                break
+            self._spent.popitem(last=False)
+        return len(gone)

@@ -1,0 +1,316 @@
+"""``chutes-attest serve``: both unix-socket APIs, systemd readiness/watchdog, graceful drain.
+
+Start-up order matters: the service certificate is loaded (or created), the quote source produces one
+quote whose REPORTDATA is checked after parsing, and only then are the sockets served and ``READY=1``
+sent. The watchdog is pinged only while the event loop is responsive and no quote is stuck in the
+source; ``STATUS=`` says what the service is doing; SIGTERM stops accepting, lets in-flight requests
+finish (bounded) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.config import AgentConfig
+from agent.log import get_logger
+from agent.serve import app_chute, app_compat
+from agent.serve.collector import Collector
+from agent.serve.connections import ConnTracker
+from agent.serve.context import CTX_KEY, ServiceContext
+from agent.serve.errors import ApiError, chute_body, compat_body
+from agent.serve.middleware import make_middleware
+from agent.serve.peer import PeerResolver
+from agent.serve.service_cert import load_or_create
+from agent.serve.sockets import BACKLOG, bind_unix
+from agent.serve.systemd_integration import Notifier, listen_sockets, watchdog_interval_s
+
+log = get_logger(__name__)
+
+SOCKET_NAMES = ("compat", "chute")
+#: Routes that neither read a body nor wait on I/O: no per-request timeout timer needed.
+NO_TIMEOUT = frozenset({("GET", "/health"), ("GET", "/v1/health"), ("GET", "/v1/status"),
+                        ("POST", "/v1/rint/nonce")})
+MAX_LOOP_LAG_S = 5.0
+#: A single quote-source call running longer than 2 x quote.deadline_s + this is "wedged".
+WEDGE_GRACE_S = 5.0
+
+
+class SelfCheckError(RuntimeError):
+    """The start-up self-check failed; the service must not report ready."""
+
+
+def match_activated(fds: dict[str, socket.socket], paths: dict[str, str]) -> dict[str, socket.socket]:
+    """Name activated sockets "compat"/"chute": by FileDescriptorName= first, else by bound path
+    (one .socket unit with two ListenStream= gives both fds the same name)."""
+    out: dict[str, socket.socket] = {}
+    for name, sock in fds.items():
+        if name in SOCKET_NAMES and name not in out:
+            out[name] = sock
+            continue
+        try:
+            bound = sock.getsockname()
+        except OSError:
+            bound = None
+        role = next((r for r, p in paths.items() if bound == p and r not in out), None)
+        out[role or f"unmatched:{name}:{sock.fileno()}"] = sock
+    return out
+
+
+@dataclass
+class _Listener:
+    name: str
+    path: str
+    sock: socket.socket
+    activated: bool
+    runner: web.AppRunner
+    tracker: ConnTracker
+    server: asyncio.base_events.Server | None = None
+
+
+@dataclass
+class Service:
+    cfg: AgentConfig
+    notifier: Notifier = field(default_factory=Notifier)
+    ctx: ServiceContext | None = None
+    listeners: list[_Listener] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _queue: Any = None
+
+    # -- start-up -----------------------------------------------------------------------------------
+    async def _self_check(self, collector: Collector) -> dict[str, Any]:
+        """One real quote through the queue; its parsed REPORTDATA must be nonce ‖ SPKI hash."""
+        from agent.quote import parse_quote
+
+        nonce = secrets.token_bytes(32)
+        started = time.monotonic()
+        raw = await collector.quote(nonce, caller="self-check")
+        try:
+            q = parse_quote(raw)
+        except Exception as exc:
+            raise SelfCheckError(f"self-check quote does not parse: {exc}") from None
+        if bytes(q.report_data) != collector.report_data(nonce):
+            raise SelfCheckError("self-check quote carries the wrong report_data")
+        took_ms = round((time.monotonic() - started) * 1000, 1)
+        m = {name: bytes(getattr(q, name)).hex() for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")}
+        m.update(debug=bool(q.debug), quote_version=int(q.version), self_check_ms=took_ms)
+        log.info("serve.self_check", result="ok", duration_ms=took_ms, mr_td=m["mr_td"][:16])
+        return m
+
+    def _listener(self, name: str, path: str, sock: socket.socket, activated: bool) -> _Listener:
+        assert self.ctx is not None
+        s = self.cfg.serve
+        tracker = ConnTracker(PeerResolver(), name=name, max_connections=s.max_connections,
+                              idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s)
+        render = compat_body if name == "compat" else chute_body
+        mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,
+                             timeout_s=s.request_timeout_s, counters=self.ctx.counters, no_timeout=NO_TIMEOUT)
+        app = web.Application(middlewares=[mw], client_max_size=s.max_body_bytes)
+        app[CTX_KEY] = self.ctx
+        (app_compat if name == "compat" else app_chute).add_routes(app)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=s.idle_timeout_s)
+        self.ctx.trackers[name] = tracker
+        return _Listener(name, path, sock, activated, runner, tracker)
+
+    async def start(self) -> None:
+        from agent.evidence.gpu_sources import make_gpu_source
+        from agent.evidence.quote_queue import QuoteQueue
+        from agent.evidence.sources import make_quote_source
+
+        cfg = self.cfg
+        self.notifier.status("starting: loading service certificate")
+        cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path)
+        source = make_quote_source(cfg)
+        self._queue = QuoteQueue(source, max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)
+        gpu = make_gpu_source(cfg)
+        collector = Collector(cfg, cert, self._queue, gpu)
+        self.ctx = ServiceContext.build(cfg, collector)
+        self.notifier.status(f"starting: self-check quote from {getattr(source, 'name', cfg.quote.source)}")
+        measurements = await self._self_check(collector)
+        measurements["quote_source"] = getattr(source, "name", cfg.quote.source)
+        measurements["service_cert_spki_sha256"] = cert.spki_sha256.hex()
+        self.ctx.measurements = measurements
+
+        paths = {"compat": cfg.serve.compat_socket, "chute": cfg.serve.chute_socket}
+        activated = match_activated(listen_sockets(), paths)
+        for name in SOCKET_NAMES:
+            sock = activated.pop(name, None)
+            was_activated = sock is not None
+            if sock is None:
+                sock = bind_unix(paths[name], cfg.serve.socket_mode, cfg.serve.socket_group)
+            else:
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    paths[name] = sock.getsockname() or paths[name]
+            self.listeners.append(self._listener(name, paths[name], sock, was_activated))
+        for extra, sock in activated.items():
+            log.warning("serve.unexpected_fd", name=extra, reason="socket passed by systemd with an unknown name")
+            sock.close()
+        loop = asyncio.get_running_loop()
+        for lst in self.listeners:
+            await lst.runner.setup()
+            assert lst.runner.server is not None
+            lst.server = await loop.create_unix_server(
+                lst.tracker.factory(lst.runner.server), sock=lst.sock, backlog=BACKLOG
+            )
+        self.ctx.health = {"status": "ok"}
+        status = "serving " + ", ".join(f"{lst.name}={lst.path}" for lst in self.listeners)
+        log.info("serve.ready", compat=paths["compat"], chute=paths["chute"],
+                 activated=[lst.name for lst in self.listeners if lst.activated],
+                 quote_source=measurements["quote_source"])
+        # Everything allocated so far (modules, keys, the app) lives for the whole process: move it out
+        # of the collector's view so full collections stay short and don't show up as latency spikes.
+        gc.collect()
+        gc.freeze()
+        self.notifier.ready(status)
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))
+
+    # -- steady state -------------------------------------------------------------------------------
+    async def _purge_loop(self) -> None:
+        assert self.ctx is not None
+        while True:
+            await asyncio.sleep(min(30.0, max(1.0, self.ctx.nonces.ttl_s / 4)))
+            self.ctx.nonces.purge_expired()
+
+    async def _probe(self) -> None:
+        assert self.ctx is not None
+        with contextlib.suppress(Exception):
+            await self.ctx.collector.quote(secrets.token_bytes(32), caller="health-probe")
+
+    async def _health_loop(self) -> None:
+        """Measure loop lag; ping the watchdog only when healthy; keep STATUS= current."""
+        assert self.ctx is not None
+        wd = watchdog_interval_s() if self.cfg.serve.watchdog else None
+        period = wd if wd else 5.0
+        tick = min(1.0, period / 2)
+        loop = asyncio.get_running_loop()
+        max_lag = min(MAX_LOOP_LAG_S, wd if wd else MAX_LOOP_LAG_S)
+        wedge_s = 2 * self.cfg.quote.deadline_s + WEDGE_GRACE_S
+        call_seen: tuple[int, float] | None = None  # (source_calls, first seen running)
+        last_status = ""
+        last_probe = 0.0
+        window_lag = 0.0
+        next_eval = loop.time() + period
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(tick)
+            window_lag = max(window_lag, loop.time() - t0 - tick)
+            if loop.time() < next_eval:
+                continue
+            next_eval = loop.time() + period
+            ch = self.ctx.collector.health
+            # wedged: the same source call (no new source_calls) has been running for too long
+            calls = int(getattr(self._queue, "stats", {}).get("source_calls", 0))
+            if getattr(self._queue, "in_flight", False):
+                if call_seen is None or call_seen[0] != calls:
+                    call_seen = (calls, loop.time())
+            else:
+                call_seen = None
+            wedged = (call_seen is not None and loop.time() - call_seen[1] > wedge_s) or \
+                ch.oldest_in_flight_s() > wedge_s
+            lagging = window_lag > max_lag
+            failing = ch.consecutive_failures > 0
+            healthy = not (wedged or lagging)
+            self.ctx.health = {
+                "status": "ok" if healthy and not failing else "degraded",
+                "loop_lag_ms": round(window_lag * 1000, 1),
+                "quote_source": "wedged" if wedged else ("failing: " + ch.last_error if failing else "ok"),
+            }
+            window_lag = 0.0
+            if healthy and wd:
+                self.notifier.watchdog()
+            if failing and loop.time() - last_probe > 30:
+                last_probe = loop.time()
+                self._tasks.append(asyncio.create_task(self._probe()))
+                self._tasks = [t for t in self._tasks if not t.done()]
+            status = (f"{'serving' if healthy and not failing else 'degraded'}; quotes ok={ch.ok} failed={ch.failed}"
+                      f"; queue={getattr(self._queue, 'depth', 0)}; rint nonces={len(self.ctx.nonces)}")
+            if failing:
+                status += f"; quote source: {ch.last_error[:120]}"
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+
+    # -- shutdown -----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests (bounded), release everything."""
+        self.notifier.stopping("draining")
+        started = time.monotonic()
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+        in_flight = sum(lst.tracker.busy_count() for lst in self.listeners)
+        log.info("serve.draining", in_flight=in_flight)
+        # aiohttp's own shutdown ignores request bytes that arrive after it starts, so wait here
+        # first: in-flight requests (even ones whose body is still arriving) finish, idle ones close.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.serve.drain_timeout_s
+        for lst in self.listeners:
+            lst.tracker.start_drain()
+        while loop.time() < deadline and any(lst.tracker.busy_count() for lst in self.listeners):
+            await asyncio.sleep(0.05)
+        left = sum(lst.tracker.busy_count() for lst in self.listeners)
+        for lst in self.listeners:
+            if lst.runner.server is not None:
+                await lst.runner.server.shutdown(0.5 if left else 0.1)
+        for lst in self.listeners:
+            lst.tracker.close()
+            await lst.runner.cleanup()
+            if not lst.activated:
+                with contextlib.suppress(OSError):
+                    os.unlink(lst.path)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._queue is not None:
+            await self._queue.aclose()
+        log.info("serve.stopped", duration_ms=round((time.monotonic() - started) * 1000, 1), abandoned=left)
+
+
+async def serve(cfg: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT; the CLI's exit code."""
+    from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+    from agent.evidence.base import EvidenceError
+    from agent.serve.service_cert import ServiceCertError
+    from agent.serve.sockets import SocketSetupError
+
+    svc = Service(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, svc.request_stop)
+    try:
+        await svc.start()
+    except (SelfCheckError, EvidenceError) as exc:
+        log.error("serve.self_check", result="failed", reason=str(exc))
+        svc.notifier.status(f"self-check failed: {exc}")
+        await svc.stop()
+        return EXIT_UNAVAILABLE
+    except (ServiceCertError, SocketSetupError, ValueError, OSError) as exc:
+        log.error("serve.start_failed", reason=str(exc))
+        svc.notifier.status(f"start failed: {exc}")
+        await svc.stop()
+        return EXIT_FAILED
+    await svc.wait()
+    await svc.stop()
+    return EXIT_OK
+
+
+__all__ = ["ApiError", "SelfCheckError", "Service", "serve"]

@@ -1,0 +1,138 @@
+"""Relay of the one-time launch-config rint nonce for chute containers without egress.
+
+The caller hands over its launch JWT; the relay reads the token's ``url`` claim (it does not need to
+verify the ES256 signature: the validator does that when it sees the token) and fetches
+``GET {url}/nonce`` with the token in ``Authorization`` (chutes-protocol.md §5.1 step 2). Only https
+URLs of the form ``/instances/launch_config/<id>`` on an allow-listed host are contacted (no SSRF), no
+redirects are followed, the whole exchange is time-bounded, and the token is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from agent.log import Secret, get_logger
+
+log = get_logger(__name__)
+
+_PATH = re.compile(r"/instances/launch_config/[A-Za-z0-9_-]{1,128}")
+_NONCE = re.compile(r"[0-9a-f]{32}")
+MAX_TOKEN_BYTES = 8192
+
+
+class RelayError(Exception):
+    """The relay refused or failed; ``status``/``code`` map straight to the HTTP answer."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    host: str
+    port: int
+
+
+def _b64url(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def token_url(token: str) -> str:
+    """The ``url`` claim of a compact JWS, without verifying it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise RelayError(400, "bad_token", "authorization: expected a launch JWT (three dot-separated parts)")
+    try:
+        claims = json.loads(_b64url(parts[1]))
+    except (ValueError, UnicodeDecodeError):
+        raise RelayError(400, "bad_token", "authorization: JWT payload is not base64url JSON") from None
+    url = claims.get("url") if isinstance(claims, dict) else None
+    if not isinstance(url, str) or not url:
+        raise RelayError(400, "bad_token", "authorization: JWT has no 'url' claim")
+    return url
+
+
+def _allowed(host: str, port: int, allow: list[str]) -> bool:
+    """Entries are ``host`` (any port) or ``host:port``; comparison is exact, case-insensitive."""
+    for entry in allow:
+        text = entry.strip().lower()
+        name, sep, p = text.rpartition(":")
+        if not sep or not p.isdigit():
+            name, p = text, ""
+        if name == host and (not p or int(p) == port):
+            return True
+    return False
+
+
+def check_target(url: str, allowed_hosts: list[str]) -> Target:
+    """Validate the launch-config URL against the allow-list and shape rules."""
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise RelayError(400, "bad_token", "authorization: 'url' claim must be an https URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise RelayError(400, "bad_token", "authorization: 'url' claim has userinfo, query or fragment")
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise RelayError(400, "bad_token", "authorization: 'url' claim has an invalid port") from None
+    if not _PATH.fullmatch(parts.path.rstrip("/")):
+        raise RelayError(400, "bad_token", "authorization: 'url' claim is not /instances/launch_config/<id>")
+    if not _allowed(host, port, allowed_hosts):
+        raise RelayError(403, "host_not_allowed", f"validator host {host!r} is not in serve.validator_hosts")
+    base = f"https://{parts.netloc}{parts.path.rstrip('/')}"
+    return Target(url=f"{base}/nonce", host=host, port=port)
+
+
+def _ssl_context(ca_bundle: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_bundle or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def fetch_validator_nonce(
+    token: Secret, *, allowed_hosts: list[str], timeout_s: float, ca_bundle: str = "",
+) -> str:
+    """The 32-hex rint nonce for the token's launch config; :class:`RelayError` on any refusal."""
+    text = bytes(token.reveal()).decode("ascii", "replace").strip()
+    if len(text) > MAX_TOKEN_BYTES:
+        raise RelayError(400, "bad_token", f"authorization: token longer than {MAX_TOKEN_BYTES} bytes")
+    target = check_target(token_url(text), allowed_hosts)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    connector = aiohttp.TCPConnector(ssl=_ssl_context(ca_bundle), limit=1, force_close=True)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False) as session:
+            async with session.get(
+                target.url, headers={"Authorization": text}, allow_redirects=False,
+            ) as resp:
+                body = await resp.content.read(1024)
+                status = resp.status
+    except TimeoutError:
+        raise RelayError(504, "validator_timeout", f"validator did not answer within {timeout_s:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise RelayError(502, "validator_unreachable", f"validator {target.host}: {type(exc).__name__}") from None
+    finally:
+        del text
+    log.info("rint.relay", host=target.host, status=status)
+    if status == 404:
+        raise RelayError(404, "nonce_unavailable", "validator has no rint nonce for this launch config "
+                         "(already fetched, expired or unknown)")
+    if status in (401, 403):
+        raise RelayError(403, "validator_refused", f"validator refused the launch token (HTTP {status})")
+    if status != 200:
+        raise RelayError(502, "validator_error", f"validator answered HTTP {status}")
+    nonce = body.decode("ascii", "replace").strip().strip('"').lower()
+    if not _NONCE.fullmatch(nonce):
+        raise RelayError(502, "validator_error", "validator answer is not a 32-hex nonce")
+    return nonce

@@ -1,0 +1,103 @@
+"""``chutes-attest evidence`` and ``chutes-attest doctor`` as real subprocesses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.serve.helpers import REPO, make_cfg, report_data_of, spki_sha256_of, toml_for
+from tests.serve.proc import NotifyListener, spawn, stop
+
+
+def cli(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(conf), "--log-level", "error", *args],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+
+
+def write_conf(short_tmp: Path, sim_dir: Path, **kw) -> tuple[Path, object]:
+    cfg = make_cfg(short_tmp, sim_dir, **kw)
+    conf = short_tmp / "cli.toml"
+    conf.write_text(toml_for(cfg))
+    return conf, cfg
+
+
+def test_evidence_json_matches_v1_evidence_binding(short_tmp: Path, sim_dir: Path) -> None:
+    conf, cfg = write_conf(short_tmp, sim_dir)
+    nonce = secrets.token_hex(32)
+    r = cli(conf, "evidence", "--nonce", nonce, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"nonce", "report_data", "quote", "gpu_evidence", "certificate", "tpm"}
+    spki = spki_sha256_of(cfg.serve.cert_path)  # created on first use, like serve does
+    assert report_data_of(base64.b64decode(doc["quote"])) == bytes.fromhex(nonce) + spki
+    assert len(doc["gpu_evidence"]) == 2
+    assert doc["certificate"] == Path(cfg.serve.cert_path).read_text()
+
+
+def test_evidence_text_output(short_tmp: Path, sim_dir: Path) -> None:
+    conf, _ = write_conf(short_tmp, sim_dir)
+    nonce = secrets.token_hex(32)
+    r = cli(conf, "evidence", "--nonce", nonce)
+    assert r.returncode == 0, r.stderr
+    assert f"nonce        {nonce}" in r.stdout and "gpu evidence 2 item(s)" in r.stdout
+
+
+def test_evidence_bad_input_exit_codes(short_tmp: Path, sim_dir: Path) -> None:
+    conf, _ = write_conf(short_tmp, sim_dir)
+    r = cli(conf, "evidence", "--nonce", "abc")
+    assert r.returncode == 4 and "nonce: expected 64 hex characters" in r.stderr
+    r = cli(conf, "evidence", "--nonce", "ab" * 32, "--gpu-ids", "bogus")
+    assert r.returncode == 4 and "gpu_ids" in r.stderr
+    r = cli(conf, "evidence", "--nonce", "ab" * 32, "--gpu-ids", "f" * 32)
+    assert r.returncode == 4 and "no GPU with id" in r.stderr
+
+
+def test_evidence_unavailable_source(short_tmp: Path, sim_dir: Path) -> None:
+    conf, _ = write_conf(short_tmp, sim_dir)
+    r = cli(conf, "--set", "quote.source=configfs", "--set", f"quote.configfs_root={short_tmp}/none/report",
+            "--set", "quote.retries=0", "evidence", "--nonce", "ab" * 32)
+    assert r.returncode == 5, r.stderr
+    assert r.stderr.startswith("chutes-attest evidence: ")
+
+
+def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
+    conf, cfg = write_conf(short_tmp, sim_dir)
+    notify = NotifyListener(short_tmp / "n.sock")
+    proc = spawn(cfg, short_tmp, env={"NOTIFY_SOCKET": notify.path})
+    try:
+        notify.wait_for("READY=1")
+        r = cli(conf, "doctor", "--json")
+        text = cli(conf, "doctor")
+    finally:
+        stop(proc)
+        notify.close()
+    doc = json.loads(r.stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert list(checks) == ["tdx_guest", "tsm", "quote", "nvml", "cc_mode", "service_cert", "compat_socket",
+                            "chute_socket"]
+    if not Path("/dev/tdx_guest").exists():  # this machine: not a TDX guest
+        assert checks["tdx_guest"]["status"] == "fail" and r.returncode == 5 and doc["ok"] is False
+    assert checks["tsm"]["status"] == "warn" and "simulated" in checks["tsm"]["detail"]
+    assert checks["quote"]["status"] == "warn" and "SIMULATED" in checks["quote"]["detail"]
+    assert checks["nvml"]["status"] == "warn" and "2 GPU(s)" in checks["nvml"]["detail"]
+    assert checks["cc_mode"]["status"] == "ok"
+    assert checks["service_cert"]["status"] == "ok"
+    assert checks["compat_socket"]["status"] == "ok" and checks["chute_socket"]["status"] == "ok"
+    lines = text.stdout.strip().splitlines()
+    assert len(lines) == 8 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
+
+
+def test_doctor_sockets_missing(short_tmp: Path, sim_dir: Path) -> None:
+    conf, _ = write_conf(short_tmp, sim_dir)
+    r = cli(conf, "doctor", "--json", "--skip-quote")
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert r.returncode == 5
+    assert checks["quote"]["status"] == "skip"
+    assert checks["compat_socket"]["status"] == "fail" and "missing" in checks["compat_socket"]["detail"]
+    assert checks["service_cert"]["status"] == "fail"
