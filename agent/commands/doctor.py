@@ -1,7 +1,7 @@
 """Check this VM's attestation prerequisites and say what is wrong, one line per check.
 
 tdx_guest module and device, the configfs-tsm provider, a real quote through configfs (QGS answering),
-NVML, GPU confidential-computing mode, the service certificate and both service sockets.
+NVML, GPU confidential-computing mode, the optional vTPM, the service certificate and both service sockets.
 """
 
 from __future__ import annotations
@@ -155,12 +155,27 @@ def check_socket(name: str, path: str, route: str) -> Check:
     return Check(f"{name}_socket", "ok", f"{path} ({mode}) answers GET {route}")
 
 
+def check_tpm(cfg: AgentConfig) -> Check:
+    """A vTPM is optional: absent is fine (skip), present-but-broken is a failure."""
+    from agent.evidence.tpm import tpm_status
+
+    st = tpm_status(cfg)
+    if st.get("error"):
+        return Check("tpm", "fail", f"{st.get('tcti') or 'TPM'}: {st['error']}")
+    if not st.get("present"):
+        return Check("tpm", "skip", "no TPM (tpm.mode=off, no /dev/tpmrm0 and no tpm.tcti): evidence has tpm=null")
+    ek = "EK certificate present" if st.get("ek_certificate") else "no EK certificate in NV"
+    return Check("tpm", "ok", f"{st.get('tcti')}: {st.get('manufacturer') or '?'} firmware {st.get('firmware') or '?'}"
+                              f", {ek}")
+
+
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     import json
 
     checks: list[Check] = [check_tdx_guest(), check_tsm(cfg)]
     checks.append(Check("quote", "skip", "--skip-quote") if args.skip_quote else check_quote(cfg))
     checks += check_gpus(cfg)
+    checks.append(check_tpm(cfg))
     checks.append(check_cert(cfg))
     checks.append(check_socket("compat", cfg.serve.compat_socket, "/health"))
     checks.append(check_socket("chute", cfg.serve.chute_socket, "/v1/health"))
