@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__, log
 from agent import config as config_mod
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_VERIFY_FAILED = 3
-EXIT_BAD_INPUT = 4
-EXIT_UNAVAILABLE = 5
-EXIT_INTERRUPTED = 130
+from agent.exitcodes import (  # noqa: F401  (re-exported: commands import them from here)
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+)
 
 #: name -> (module under agent.commands, one-line help). The single registry of subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,6 +47,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "full simulated boot + service on this machine"),
     "config": ("config_cmd", "show the effective configuration"),
 }
+
+#: Commands whose configuration ignores CHUTES_ATTEST_* environment variables (except logging).
+ENV_LOCKED_COMMANDS = frozenset({"boot"})
 
 _EPILOG = __doc__.split("Exit codes", 1)[1].join(["Exit codes", ""]) if __doc__ else ""
 
@@ -89,8 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"log.level={args.log_level}")
     if args.log_format:
         overrides.append(f"log.format={args.log_format}")
+    environ = None
+    if args.command in ENV_LOCKED_COMMANDS:
+        # In an initramfs, init's environment comes from the (host-controlled) kernel command line:
+        # only the baked-in config file and explicit flags may steer the boot; logging knobs excepted.
+        environ = {k: v for k, v in os.environ.items() if k.startswith(config_mod.ENV_PREFIX + "LOG_")}
     try:
-        cfg = config_mod.load(args.config, overrides)
+        cfg = config_mod.load(args.config, overrides, environ=environ)
     except config_mod.ConfigError as exc:
         print(f"chutes-attest: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -44,11 +44,16 @@ def is_regular_file(path: str) -> bool:
         return False
 
 
-def mount_ro(device: str, mountpoint: str) -> None:
-    """Mount read-only with nosuid,nodev,noexec (a loop device for an image file)."""
+def mount_ro(device: str, mountpoint: str, fstype: str = "ext4") -> None:
+    """Mount read-only with nosuid,nodev,noexec (a loop device for an image file).
+
+    The filesystem type is pinned: the volume is host-supplied, so the kernel must not be invited to
+    probe and parse whatever filesystem the host chose to present.
+    """
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     opts = "ro,nosuid,nodev,noexec" + (",loop" if is_regular_file(device) else "")
-    proc = subprocess.run(["mount", "-o", opts, device, mountpoint], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["mount", "-t", fstype, "-o", opts, device, mountpoint], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise DeviceError(f"mount {device} read-only at {mountpoint} failed: {proc.stderr.strip() or proc.returncode}")
 

@@ -7,6 +7,7 @@ validated here (:mod:`agent.boot.names`) so later stages only see clean values.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class BootIdentity:
 
 def _read(path: Path, name: str, required: bool) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted on the host-supplied volume must not hang the boot in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if required:
             raise ConfigVolumeError(f"config volume: file {name!r} missing") from None
@@ -44,6 +46,8 @@ def _read(path: Path, name: str, required: bool) -> str | None:
     except OSError as exc:
         raise ConfigVolumeError(f"config volume: cannot open {name!r}: {exc.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigVolumeError(f"config volume: {name!r} is not a regular file")
         data = os.read(fd, MAX_FILE + 1)
     finally:
         os.close(fd)

@@ -71,10 +71,17 @@ class Cryptsetup:
         return out.decode("utf-8", "replace")
 
     def is_luks(self, device: str) -> bool:
+        """True for a LUKS device, False only when cryptsetup says "not LUKS" (exit 1).
+
+        Any other failure (device missing, I/O or permission error) raises: treating it as "not LUKS"
+        would send a boot down the first-boot path and re-key (wipe) an existing volume.
+        """
         try:
             self._run("isLuks", ["isLuks", device])
-        except CryptsetupError:
-            return False
+        except CryptsetupError as exc:
+            if exc.returncode == 1:
+                return False
+            raise
         return True
 
     def header_backup(self, device: str, out_path: str) -> None:

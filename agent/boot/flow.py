@@ -28,6 +28,7 @@ from agent.boot.volumes import private_header_copy, setup_cache_volume, validate
 from agent.config import AgentConfig
 from agent.evidence.base import QuoteSource, QuoteSourceError
 from agent.evidence.report_data import ReportDataError, build_report_data
+from agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY_FAILED
 from agent.log import Secret, get_logger
 from agent.quote import QuoteError, parse_quote
 from agent.validator.client import ValidatorClient
@@ -37,7 +38,6 @@ from agent.validator.schemas import BootAttestationResponse
 
 log = get_logger(__name__)
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_VERIFY_FAILED, EXIT_UNAVAILABLE = 1, 4, 3, 5  # = agent.cli's codes
 
 
 @dataclass
@@ -194,6 +194,10 @@ def _header_dict(h: HeaderSummary | None) -> dict[str, Any] | None:
 
 async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> None:
     b = cfg.boot
+    if not b.validator_url.startswith("https://"):
+        # The key and the boot token must never cross the wire in clear, whatever the config says.
+        raise BootFailure("config", f"boot.validator_url must be an https:// URL, got {b.validator_url!r}",
+                          EXIT_USAGE)
     with timer.stage("config"):
         try:
             ident = await asyncio.to_thread(deps.read_identity)

@@ -60,6 +60,8 @@ def parse_netplan(text: str, present: Sequence[str] = ()) -> NetworkPlan:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise NetworkConfigError(f"network-config.yaml: not valid YAML ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise NetworkConfigError("network-config.yaml: nests too deeply") from None
     net = doc.get("network") if isinstance(doc, dict) else None
     eths = net.get("ethernets") if isinstance(net, dict) else None
     if not isinstance(eths, dict) or not eths:

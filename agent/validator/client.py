@@ -32,7 +32,7 @@ def _detail(body: bytes) -> str:
         data = json.loads(body.decode("utf-8"))
         if isinstance(data, dict) and isinstance(data.get("detail"), str):
             text = data["detail"]
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         text = ""
     return "".join(c for c in text if c.isprintable())[:200]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import re
 import time
 from dataclasses import dataclass
 
@@ -27,12 +28,15 @@ class Decision:
     why: str
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]{1,9}")  # ASCII digits only ("²".isdigit() is True)
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unparseable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -63,7 +67,7 @@ class RetryPolicy:
                 return Decision(Action.STOP, 0.0, "404: not known to the validator, giving up")
             if status == 429:
                 delay = exc.retry_after_s if exc.retry_after_s is not None else self.backoff(attempt)
-                delay = min(delay, self.backoff_max_s)
+                # Honoured in full (not capped by backoff_max_s); the total time budget still bounds it.
                 why = "429: rate limited" + (" (Retry-After honoured)" if exc.retry_after_s is not None else "")
             elif status in (401, 403):
                 delay, why = self.backoff_s, f"{status}: refused, retrying with a fresh nonce"

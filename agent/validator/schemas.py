@@ -45,6 +45,10 @@ def _str_field(endpoint: str, data: dict[str, Any], name: str, *, required: bool
         return None
     if not isinstance(value, str) or not value:
         raise ValidatorProtocolError(endpoint, f"field {name!r} must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes: not text, never usable as a key
+        raise ValidatorProtocolError(endpoint, f"field {name!r} is not valid Unicode text") from None
     return value
 
 

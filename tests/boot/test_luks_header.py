@@ -140,3 +140,22 @@ def test_arbitrary_json_never_crashes(meta: Any) -> None:
         validate_metadata(meta)
     except LuksHeaderError:
         pass
+
+
+def test_is_luks_distinguishes_not_luks_from_device_errors(tmp_path) -> None:
+    """Only "not LUKS" may lead to the first-boot (format) path; a device error must never look blank."""
+    import pytest
+
+    from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
+    from agent.log import Secret
+    from agent.sim.luks_image import make_ext4_image, make_luks_image
+
+    cs = Cryptsetup()
+    luks = tmp_path / "luks.img"
+    make_luks_image(str(luks), Secret("pass-for-test"), size_mb=20)
+    plain = tmp_path / "plain.img"
+    make_ext4_image(str(plain), {}, label="containerd-cache")
+    assert cs.is_luks(str(luks)) is True
+    assert cs.is_luks(str(plain)) is False
+    with pytest.raises(CryptsetupError):
+        cs.is_luks(str(tmp_path / "missing.img"))

@@ -123,7 +123,8 @@ def test_decision_by_status(status: int, action: Action, delay: float) -> None:
 
 def test_retry_after_honoured_and_capped() -> None:
     assert POLICY.decide(ValidatorHTTPError("x", 429, retry_after_s=7), 1, 0).delay_s == 7
-    assert POLICY.decide(ValidatorHTTPError("x", 429, retry_after_s=700), 1, 0).delay_s == 10
+    assert POLICY.decide(ValidatorHTTPError("x", 429, retry_after_s=60), 1, 0).delay_s == 60  # honoured in full
+    assert POLICY.decide(ValidatorHTTPError("x", 429, retry_after_s=700), 1, 0).action is Action.STOP  # > budget
 
 
 def test_bounds() -> None:
@@ -268,3 +269,34 @@ def test_netplan_parser_never_crashes(doc: object) -> None:
         network.parse_netplan(yaml.safe_dump(doc), ["enp0s1"])
     except network.NetworkConfigError:
         pass
+
+
+def test_validator_parsers_only_raise_protocol_errors() -> None:
+    """Hostile validator bodies end in the retry policy (ValidatorError), never in an internal crash."""
+    from agent.validator.client import _detail
+    from agent.validator.retry import parse_retry_after
+    from agent.validator.schemas import BootAttestationResponse, VolumeKeyResponse
+
+    assert _detail(b"[" * 100_000) == ""
+    assert parse_retry_after("\u00b2") is None
+    assert parse_retry_after("7") == 7.0
+    with pytest.raises(ValidatorProtocolError, match="not valid Unicode"):
+        BootAttestationResponse.parse(b'{"key": "\\ud800", "boot_token": "t"}')
+    with pytest.raises(ValidatorProtocolError, match="not valid Unicode"):
+        VolumeKeyResponse.parse("GET /servers/x/luks", b'{"passphrase": "a\\udfff"}')
+    with pytest.raises(ValidatorProtocolError, match="nests too deeply"):
+        BootAttestationResponse.parse(b"[" * 100_000)
+
+
+def test_netplan_nesting_is_a_network_config_error() -> None:
+    with pytest.raises(network.NetworkConfigError, match="nests too deeply"):
+        network.parse_netplan("network:\n  ethernets:\n    en0:\n      addresses: " + "[" * 5000 + "]" * 5000)
+
+
+def test_config_volume_refuses_fifo_without_blocking(tmp_path) -> None:
+    from agent.boot.config_volume import ConfigVolumeError, read_identity_from_dir
+
+    os.mkfifo(tmp_path / "hostname")
+    (tmp_path / "miner-ss58").write_text("x\n")
+    with pytest.raises(ConfigVolumeError, match="'hostname' is not a regular file"):
+        read_identity_from_dir(tmp_path)

@@ -32,3 +32,30 @@ def test_config_error_exit_code() -> None:
     res = run("--set", "quote.retries=lots", "config")
     assert res.returncode == cli.EXIT_USAGE
     assert "quote.retries" in res.stderr
+
+
+def _boot(tmp_path, *args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[boot]\nvalidator_url = "https://127.0.0.1:9"\nconfig_device = "{tmp_path}/absent.img"\n'
+                    f'device_wait_s = 0\nkmsg_path = "{tmp_path}/kmsg"\nhandoff_dir = "{tmp_path}/run"\n')
+    env = {**os.environ, **env_extra}
+    return run("--config", str(conf), *args, "boot", "--no-poweroff", env=env)
+
+
+def test_boot_ignores_environment_overrides(tmp_path) -> None:
+    """The kernel command line (host-controlled) becomes init's environment: it must not steer the boot."""
+    res = _boot(tmp_path, env_extra={"CHUTES_ATTEST_BOOT_VALIDATOR_URL": "http://10.0.0.1:8080",
+                                     "CHUTES_ATTEST_BOOT_POWEROFF": "false"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "TDX-LUKS-UNLOCK-FAILED: " in out
+    assert "10.0.0.1" not in out and "https://" not in out.split("TDX-LUKS-UNLOCK-FAILED: ")[1].splitlines()[0]
+
+
+def test_boot_refuses_plain_http_validator(tmp_path) -> None:
+    res = _boot(tmp_path, "--set", "boot.validator_url=http://10.0.0.1:8080", env_extra={})
+    line = [x for x in (res.stdout + res.stderr).splitlines() if "TDX-LUKS-UNLOCK-FAILED" in x][0]
+    assert "must be an https:// URL" in line
+    assert res.returncode == cli.EXIT_USAGE
