@@ -55,7 +55,7 @@ def token_url(token: str) -> str:
         raise RelayError(400, "bad_token", "authorization: expected a launch JWT (three dot-separated parts)")
     try:
         claims = json.loads(_b64url(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RelayError(400, "bad_token", "authorization: JWT payload is not base64url JSON") from None
     url = claims.get("url") if isinstance(claims, dict) else None
     if not isinstance(url, str) or not url:
@@ -77,16 +77,16 @@ def _allowed(host: str, port: int, allow: list[str]) -> bool:
 
 def check_target(url: str, allowed_hosts: list[str]) -> Target:
     """Validate the launch-config URL against the allow-list and shape rules."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError:  # bad IPv6 literal, NFKC-normalising netloc, invalid port
+        raise RelayError(400, "bad_token", "authorization: 'url' claim is not a valid URL") from None
     if parts.scheme != "https":
         raise RelayError(400, "bad_token", "authorization: 'url' claim must be an https URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise RelayError(400, "bad_token", "authorization: 'url' claim has userinfo, query or fragment")
     host = (parts.hostname or "").lower()
-    try:
-        port = parts.port or 443
-    except ValueError:
-        raise RelayError(400, "bad_token", "authorization: 'url' claim has an invalid port") from None
     if not _PATH.fullmatch(parts.path.rstrip("/")):
         raise RelayError(400, "bad_token", "authorization: 'url' claim is not /instances/launch_config/<id>")
     if not _allowed(host, port, allowed_hosts):

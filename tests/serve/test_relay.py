@@ -177,3 +177,24 @@ async def test_relay_is_time_bounded(service_factory, validator: FakeValidator, 
     token = make_jwt({"url": f"https://localhost:{validator.port}/instances/launch_config/slow"})
     status, body = await relay(svc, token)
     assert status == 504 and body["error"] == "validator_timeout"
+
+
+@pytest.mark.parametrize("url", ["https://[::1/instances/launch_config/x", "https://api.chutes.ai\uff03@evil.example/instances/launch_config/x",
+                                 "https://api.chutes.ai:99999/instances/launch_config/x"])
+def test_malformed_url_claims_are_bad_tokens(url: str) -> None:
+    from agent.validator.rint_relay import RelayError, check_target
+
+    with pytest.raises(RelayError) as exc:
+        check_target(url, ["api.chutes.ai"])
+    assert exc.value.status == 400
+
+
+def test_deeply_nested_token_payload_is_a_bad_token() -> None:
+    import base64
+
+    from agent.validator.rint_relay import RelayError, token_url
+
+    payload = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
+    with pytest.raises(RelayError) as exc:
+        token_url(f"e30.{payload}.sig")
+    assert exc.value.status == 400
