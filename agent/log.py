@@ -12,11 +12,14 @@ Conventions every module follows:
 from __future__ import annotations
 
 import functools
+import json
+import json.encoder
 import logging
 import os
 import sys
+import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -73,16 +76,82 @@ def message_id(event: str) -> str:
     return uuid.uuid5(_NAMESPACE, event).hex
 
 
-def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for k in list(event_dict):
-        if k.lower() in SECRET_KEYS or isinstance(event_dict[k], Secret):
+_SECRET_KEY_CACHE: dict[str, bool] = {}
+
+
+def _is_secret_key(key: str) -> bool:
+    """``key.lower() in SECRET_KEYS``, memoised: the same few dozen field names recur on every line."""
+    hit = _SECRET_KEY_CACHE.get(key)
+    if hit is None:
+        hit = key.lower() in SECRET_KEYS
+        if len(_SECRET_KEY_CACHE) < 4096:  # field names come from code; bounded anyway
+            _SECRET_KEY_CACHE[key] = hit
+    return hit
+
+
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog.processors.add_log_level maps them
+_stamp_second = -1
+_stamp_prefix = ""
+
+
+def _utc_timestamp() -> str:
+    """ISO-8601 UTC with microseconds (``2026-01-02T03:04:05.123456Z``); strftime runs once a second."""
+    global _stamp_second, _stamp_prefix
+    now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_second = second
+    return f"{_stamp_prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _enrich(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """level, timestamp, redaction and MESSAGE_ID in one pass (one processor call per line, not four)."""
+    event_dict["level"] = _LEVEL_NAMES.get(method, method)
+    event_dict["timestamp"] = _utc_timestamp()
+    known = _SECRET_KEY_CACHE
+    for k, v in event_dict.items():  # only values are replaced: safe while iterating
+        secret = known.get(k)
+        if secret is None:
+            secret = _is_secret_key(k)
+        if secret or isinstance(v, Secret):
             event_dict[k] = REDACTED
+    if "message_id" not in event_dict:
+        event_dict["message_id"] = message_id(str(event_dict.get("event", "")))
     return event_dict
 
 
-def _add_message_id(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event_dict.setdefault("message_id", message_id(str(event_dict.get("event", ""))))
-    return event_dict
+def _json_default(obj: Any) -> Any:
+    """Values json can't encode: their ``__structlog__()`` if they have one, else ``repr`` (as structlog)."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """``json.dumps(obj, default=_json_default)`` without building an encoder per line.
+
+    CPython's C encoder, made once, writes the same text as ``json.dumps`` at about 60% of its cost; on
+    an interpreter without it the (equally compatible) pure-Python encoder is made once instead.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(default=_json_default).encode
+    encode = make(None, _json_default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+    def dumps(obj: Any) -> str:
+        return "".join(encode(obj, 0))
+
+    return dumps
+
+
+_dumps = _json_encoder()
+
+
+def _render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
+    """Final processor for ``json``: one JSON object per line, fields in the order they were added."""
+    return _dumps(event_dict)
 
 
 def _journal_field(name: str) -> str:
@@ -158,10 +227,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str
     out = stream if stream is not None else _CurrentStderr()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
-        _add_message_id,
+        _enrich,  # add_log_level + TimeStamper(iso, utc) + redaction + MESSAGE_ID, fused: runs on every line
         structlog.processors.format_exc_info,
     ]
     fallback_note = None
@@ -173,13 +239,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str
             fallback_note = "systemd-python not installed; logging JSON to stderr instead of journald"
             resolved = "json"
     if resolved == "json":
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        renderer = _render_json
     elif resolved == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() if hasattr(out, "isatty") else False)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # one write + flush per line
         cache_logger_on_first_use=False,
     )
     _configured_format = resolved

@@ -20,7 +20,7 @@ from agent import __version__
 from agent.log import Secret
 from agent.serve import rint, symkey
 from agent.serve.context import ctx_of
-from agent.serve.errors import ApiError, json_response
+from agent.serve.errors import ApiError, json_bytes_response, json_response
 from agent.serve.handlers_common import evidence_call, peer_of, query_gpu_ids, query_nonce, rate_limit
 from agent.serve.middleware import read_json_object
 from agent.validator.rint_relay import RelayError, fetch_validator_nonce
@@ -89,7 +89,8 @@ async def rint_nonce(request: web.Request) -> web.Response:
     peer = peer_of(request)
     rate_limit(ctx.nonce_limiter, peer, "nonce")
     nonce, expires_at = ctx.nonces.issue(peer.scope)
-    return json_response({"nonce": nonce, "expires_at": expires_at})
+    # Both values are ASCII with nothing to escape (32 hex; ISO-8601): the bytes json_response would write.
+    return json_bytes_response(b'{"nonce":"%s","expires_at":"%s"}' % (nonce.encode(), expires_at.encode()))
 
 
 def _str_field(body: dict[str, Any], name: str) -> str:

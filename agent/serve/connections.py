@@ -161,23 +161,30 @@ class ConnTracker:
 class _TrackedProtocol(asyncio.Protocol):
     """Forwards to aiohttp's RequestHandler after the tracker has admitted the connection."""
 
-    __slots__ = ("_admitted", "_inner", "_tracker", "_transport")
+    __slots__ = ("_admitted", "_inner", "_now", "_state", "_tracker", "_transport")
 
     def __init__(self, tracker: ConnTracker, inner: Any) -> None:
         self._tracker = tracker
         self._inner = inner
         self._admitted = False
         self._transport: Any = None
+        self._state: ConnState | None = None  # this connection's entry in tracker.states (no per-chunk lookup)
+        self._now: Callable[[], float] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         if self._tracker.opened(transport):
             self._admitted = True
+            self._state = self._tracker.state_of(transport)
+            self._now = asyncio.get_running_loop().time
             self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
-            self._tracker.data(self._transport)
+            st = self._state  # what ConnTracker.data does, without the dict lookup
+            if st is not None and not st.busy and st.phase == "idle" and self._now is not None:
+                st.phase = "head"
+                st.since = self._now()
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -194,4 +201,5 @@ class _TrackedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._admitted:
             self._tracker.closed(self._transport)
+            self._state = None
             self._inner.connection_lost(exc)

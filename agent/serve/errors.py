@@ -35,11 +35,16 @@ def compat_body(err: ApiError) -> dict[str, str]:
     return {"detail": err.detail}
 
 
+#: One encoder for every response (``json.dumps`` with options builds a new JSONEncoder per call).
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """JSON encoded the way the old FastAPI service encoded it (compact, UTF-8)."""
-    return web.Response(
-        body=json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+    return web.Response(body=_encode(data).encode(), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def json_bytes_response(body: bytes, status: int = 200) -> web.Response:
+    """A response whose JSON body the caller already encoded (hot paths with a fixed shape)."""
+    return web.Response(body=body, status=status, content_type="application/json")

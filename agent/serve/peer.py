@@ -10,7 +10,7 @@ import re
 import socket
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _UCRED = struct.Struct("3i")
@@ -29,15 +29,18 @@ class Peer:
     gid: int
     container: str | None = None
     pod: str | None = None
+    #: The key nonces and rate limits are scoped to: container, else pod, else uid (computed once,
+    #: read on every request).
+    scope: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def scope(self) -> str:
-        """The key nonces and rate limits are scoped to: container, else pod, else uid."""
+    def __post_init__(self) -> None:
         if self.container:
-            return f"container:{self.container}"
-        if self.pod:
-            return f"pod:{self.pod}"
-        return f"uid:{self.uid}"
+            scope = f"container:{self.container}"
+        elif self.pod:
+            scope = f"pod:{self.pod}"
+        else:
+            scope = f"uid:{self.uid}"
+        object.__setattr__(self, "scope", scope)
 
 
 UNKNOWN = Peer(pid=0, uid=-1, gid=-1)

@@ -42,6 +42,8 @@ SOCKET_NAMES = ("compat", "chute")
 NO_TIMEOUT = frozenset({("GET", "/health"), ("GET", "/v1/health"), ("GET", "/v1/status"),
                         ("POST", "/v1/rint/nonce")})
 MAX_LOOP_LAG_S = 5.0
+#: Young-generation threshold once serving (CPython's default is 700).
+GC_GEN0_THRESHOLD = 7000
 #: A single quote-source call running longer than 2 x quote.deadline_s + this is "wedged".
 WEDGE_GRACE_S = 5.0
 
@@ -173,6 +175,10 @@ class Service:
         # of the collector's view so full collections stay short and don't show up as latency spikes.
         gc.collect()
         gc.freeze()
+        # Requests allocate (and free) many short-lived containers; a young collection every 700 net
+        # allocations meant one every ~150 requests and a full one every few seconds under load.
+        # Ten times fewer collections of all generations, same objects found; cycles are rare here.
+        gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         self.notifier.ready(status)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))

@@ -79,8 +79,9 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
         notify.close()
     doc = json.loads(r.stdout)
     checks = {c["name"]: c for c in doc["checks"]}
-    assert list(checks) == ["tdx_guest", "tsm", "quote", "nvml", "cc_mode", "service_cert", "compat_socket",
-                            "chute_socket"]
+    assert list(checks) == ["tdx_guest", "tsm", "quote", "nvml", "cc_mode", "tpm", "service_cert",
+                            "compat_socket", "chute_socket"]
+    assert checks["tpm"]["status"] == "skip"  # tpm.mode=off in these tests
     if not Path("/dev/tdx_guest").exists():  # this machine: not a TDX guest
         assert checks["tdx_guest"]["status"] == "fail" and r.returncode == 5 and doc["ok"] is False
     assert checks["tsm"]["status"] == "warn" and "simulated" in checks["tsm"]["detail"]
@@ -90,7 +91,7 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
     assert checks["service_cert"]["status"] == "ok"
     assert checks["compat_socket"]["status"] == "ok" and checks["chute_socket"]["status"] == "ok"
     lines = text.stdout.strip().splitlines()
-    assert len(lines) == 8 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
+    assert len(lines) == 9 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
 
 
 def test_doctor_sockets_missing(short_tmp: Path, sim_dir: Path) -> None:
