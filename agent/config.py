@@ -141,6 +141,8 @@ class ServeConfig:
     nonce_burst: int = 10000
     max_body_bytes: int = 65536
     max_connections: int = 1024
+    #: Connections one caller (container, else uid) may hold on one socket.
+    max_connections_per_caller: int = 256
     request_timeout_s: float = 60.0
     #: Hosts the rint validator-nonce relay may contact (no SSRF).
     validator_hosts: list[str] = field(default_factory=lambda: ["api.chutes.ai"])

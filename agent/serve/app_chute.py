@@ -26,6 +26,7 @@ from agent.serve.middleware import read_json_object
 from agent.validator.rint_relay import RelayError, fetch_validator_nonce
 
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
@@ -125,6 +126,9 @@ async def rint_validator_nonce(request: web.Request) -> web.Response:
     if not raw:
         raise ApiError(401, "missing_token", "authorization: the launch JWT is required in the Authorization header")
     rate_limit(ctx.nonce_limiter, peer_of(request), "nonce")
+    if not raw.isascii() or not raw.isprintable():
+        # A JWT is printable ASCII; anything else (incl. surrogate-escaped raw bytes) is not a token.
+        raise ApiError(400, "bad_token", "authorization: expected a launch JWT (printable ASCII)")
     token = Secret(raw)
     del raw
     s = ctx.cfg.serve
@@ -147,7 +151,7 @@ def _symkey_fields(body: dict[str, Any]) -> tuple[bytes, str, int]:
     if proto not in symkey.PROTOCOLS:
         raise ApiError(400, "bad_proto", f"proto: expected one of {', '.join(symkey.PROTOCOLS)}")
     port = body.get("port")
-    if isinstance(port, str) and port.isdigit():
+    if isinstance(port, str) and _PORT_TEXT.fullmatch(port):  # ASCII digits only ("²".isdigit() is True)
         port = int(port)
     if port is None:
         raise ApiError(400, "missing_port", "port: required")

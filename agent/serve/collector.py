@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.evidence.base import EvidenceError, GpuEvidenceSource, QueueFullError
-from agent.evidence.report_data import build_report_data
+from agent.evidence.report_data import parse_nonce
 from agent.log import get_logger
 from agent.serve.service_cert import ServiceCert
 
@@ -61,7 +61,8 @@ class Collector:
         self._seq = 0
 
     def report_data(self, nonce: bytes) -> bytes:
-        return build_report_data(nonce, self.cert.cert)
+        """nonce ‖ SHA-256(SPKI of the service cert); the SPKI hash was computed once at start."""
+        return parse_nonce(nonce) + self.cert.spki_sha256
 
     async def quote(self, nonce: bytes, *, caller: str = "") -> bytes:
         """A quote whose REPORTDATA is nonce ‖ SHA-256(SPKI(service cert)); errors propagate typed."""

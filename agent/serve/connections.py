@@ -38,11 +38,14 @@ class ConnTracker:
 
     def __init__(
         self, resolver: PeerResolver, *, name: str, max_connections: int,
-        idle_timeout_s: float, header_timeout_s: float,
+        idle_timeout_s: float, header_timeout_s: float, max_per_caller: int | None = None,
     ) -> None:
         self.resolver = resolver
         self.name = name
         self.max_connections = max_connections
+        #: One caller (container / uid scope) may not take every slot from its neighbours.
+        self.max_per_caller = max_per_caller or max_connections
+        self._scopes: dict[str, int] = {}
         self.idle_timeout_s = idle_timeout_s
         self.header_timeout_s = header_timeout_s
         self.states: dict[Any, ConnState] = {}
@@ -134,6 +137,14 @@ class ConnTracker:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         peer = self.resolver.resolve(transport.get_extra_info("socket"))
+        held = self._scopes.get(peer.scope, 0)
+        if held >= self.max_per_caller:
+            self.refused += 1
+            log.warning("serve.connection_refused", socket=self.name, reason="per-caller connection cap reached",
+                        limit=self.max_per_caller, peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope)
+            transport.close()
+            return False
+        self._scopes[peer.scope] = held + 1
         self.states[transport] = ConnState(peer=peer, since=self._loop.time())
         self._pids[peer.pid] = self._pids.get(peer.pid, 0) + 1
         self.accepted += 1
@@ -150,6 +161,11 @@ class ConnTracker:
         st = self.states.pop(transport, None)
         if st is None:
             return
+        held = self._scopes.get(st.peer.scope, 1) - 1
+        if held <= 0:
+            self._scopes.pop(st.peer.scope, None)
+        else:
+            self._scopes[st.peer.scope] = held
         left = self._pids.get(st.peer.pid, 1) - 1
         if left <= 0:
             self._pids.pop(st.peer.pid, None)

@@ -118,6 +118,8 @@ async def read_json_object(request: web.Request, *, allow_empty: bool = False) -
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"body: not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "body: JSON nests too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", f"body: expected a JSON object, got {type(data).__name__}")
     return data

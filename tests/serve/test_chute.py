@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import secrets
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -227,6 +229,7 @@ async def test_rint_concurrent_verifies_one_success(service: Service) -> None:
         (json.dumps({"nonce": "ab" * 16}).encode(), 400, "missing_commitment"),
         (json.dumps({"nonce": "ab" * 16, "commitment": "xyz"}).encode(), 400, "bad_commitment"),
         (json.dumps({"nonce": "ab" * 16, "commitment": ["00"]}).encode(), 400, "bad_commitment"),
+        (b"[" * 60000, 400, "bad_json"),
     ],
 )
 async def test_rint_verify_malformed(service: Service, body: bytes, status: int, code: str) -> None:
@@ -306,6 +309,8 @@ async def test_symkey_respond_decrypts_independently(service: Service) -> None:
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": 0, "response": "x"}, "bad_port"),
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": True, "response": "x"}, "bad_port"),
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": 70000, "response": "x"}, "bad_port"),
+        ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": "\u00b2", "response": "x"}, "bad_port"),
+        ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": "9" * 5000, "response": "x"}, "bad_port"),
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "response": "x"}, "missing_port"),
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": 1}, "missing_response"),
         ({"symmetric_key": "ab" * 16, "proto": "tcp", "port": 1, "response": 7}, "bad_response"),
@@ -428,3 +433,38 @@ async def test_queue_full_is_429_with_retry_after(service_factory, monkeypatch) 
         assert statuses.count(200) >= 1 and refused
         body = await refused[0].json()
         assert body["error"] == "queue_full" and int(refused[0].headers["Retry-After"]) >= 1
+
+
+async def test_relay_non_ascii_authorization_is_400(service: Service) -> None:
+    payload = b"GET /v1/rint/validator-nonce HTTP/1.1\r\nHost: x\r\nAuthorization: \xff\xfe\r\n\r\n"
+    data = await raw_exchange(sock(service), payload)
+    assert data.startswith(b"HTTP/1.1 400"), data[:80]
+    assert b'"bad_token"' in data
+
+
+async def test_per_caller_connection_cap_leaves_room_for_others(service_factory) -> None:
+    svc = await service_factory(max_connections=10, max_connections_per_caller=2, socket_mode=0o666)
+    held = [await asyncio.open_unix_connection(sock(svc)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_unix_connection(sock(svc))
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        answer = await asyncio.wait_for(reader.read(100), 10)
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b""  # this caller (uid 0) is at its cap
+    writer.close()
+    # Another caller (uid 65534, a real process) still gets in while uid 0 holds its two slots.
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(b'GET /v1/health HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n');"
+            "print(s.recv(100)[:12].decode())")
+    for d in (Path(sock(svc)).parent, Path(sock(svc)).parent.parent):
+        d.chmod(0o755)  # let uid 65534 reach the socket
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = await asyncio.create_subprocess_exec(
+        python, "-c", code, sock(svc), user=65534, stdout=asyncio.subprocess.PIPE, cwd="/")
+    out, _ = await proc.communicate()
+    assert out.decode().strip() == "HTTP/1.1 200"
+    for _, w in held:
+        w.close()
+    assert svc.ctx.trackers["chute"].refused == 1
