@@ -12,21 +12,8 @@ import json
 import os
 from typing import Any
 
+from agent.fsutil import write_atomic
 from agent.log import Secret
-
-
-def _write(path: str, data: bytes | bytearray, mode: int) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secret | None) -> list[str]:
@@ -35,11 +22,11 @@ def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secre
     paths = []
     for name, data in (("vm-name", vm_name.encode()), ("hotkey", hotkey.encode())):
         p = os.path.join(handoff_dir, name)
-        _write(p, data, 0o600)
+        write_atomic(p, data, 0o600)
         paths.append(p)
     if boot_token is not None:
         p = os.path.join(handoff_dir, "boot-token")
-        _write(p, boot_token.reveal(), 0o600)
+        write_atomic(p, boot_token.reveal(), 0o600)
         paths.append(p)
     return paths
 
@@ -47,4 +34,4 @@ def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secre
 def write_status(path: str, status: dict[str, Any]) -> None:
     """``boot-status.json`` (0644: readable by the runtime service's user)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    _write(path, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    write_atomic(path, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode(), 0o644)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from agent.fsutil import write_atomic
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -88,17 +88,6 @@ def interface_addresses() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def generate(cert_path: Path, key_path: Path, hostname: str | None = None) -> None:
     """Create the self-signed pair like setup-tls-certs.sh: SANs = service name, localhost, hostname,
     loopback and UP interface addresses (minus its external "what is my IP" lookup: no egress here)."""
@@ -127,8 +116,8 @@ def generate(cert_path: Path, key_path: Path, hostname: str | None = None) -> No
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     log.info("serve.cert_created", path=str(cert_path), subject="CN=attestation-service")
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from agent.fsutil import write_atomic
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -128,18 +129,6 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file 0600 atomically (temp + rename) so a crash never leaves a half-written key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _create_pki() -> SimPki:
     root_key = ec.generate_private_key(ec.SECP256R1())
     platform_key = ec.generate_private_key(ec.SECP256R1())
@@ -164,13 +153,11 @@ def load_or_create_sim_pki(state_dir: str | os.PathLike[str]) -> SimPki:
         }
         for n, (key, cert) in items.items():
             kpath, cpath = paths[n]
-            _write_private(
-                kpath,
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            _write_private(cpath, cert.public_bytes(serialization.Encoding.PEM))
+            write_atomic(kpath, key_pem, 0o600)
+            write_atomic(cpath, cert.public_bytes(serialization.Encoding.PEM), 0o600)
         log.warning("sim.pki_created", state_dir=str(d), reason="simulated PCK chain, never trusted")
     loaded = []
     for n in _FILES:
