@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,13 @@ def interface_addresses() -> list[str]:
     import struct
 
     out: list[str] = []
-    for _idx, name in socket.if_nameindex():
+    # /sys/class/net, not socket.if_nameindex(): that opens a netlink socket, which the unit's
+    # RestrictAddressFamilies= forbids.
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        names = []
+    for name in names:
         if name.startswith(_SKIP_IFACES):
             continue
         try:

@@ -26,7 +26,9 @@ def listen_sockets(environ: Mapping[str, str] | None = None, *, unset: bool = Tr
             out_sd: dict[str, socket.socket] = {}
             for fd, name in sorted(named.items()):
                 os.set_inheritable(fd, False)
-                out_sd[name or f"fd{fd}"] = socket.socket(fileno=fd)
+                key = name or f"fd{fd}"
+                # One .socket unit gives all its fds the same name: keep every fd (matched by path later).
+                out_sd[key if key not in out_sd else f"{key}#{fd}"] = socket.socket(fileno=fd)
             return out_sd
     env = os.environ if environ is None else environ
     if env.get("LISTEN_PID") != str(os.getpid()):
@@ -41,7 +43,7 @@ def listen_sockets(environ: Mapping[str, str] | None = None, *, unset: bool = Tr
         fd = LISTEN_FDS_START + i
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
         os.set_inheritable(fd, False)
-        out[name] = socket.socket(fileno=fd)
+        out[name if name not in out else f"{name}#{fd}"] = socket.socket(fileno=fd)
     if unset and environ is None:
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(var, None)

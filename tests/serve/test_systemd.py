@@ -4,6 +4,7 @@ readiness/status/watchdog, SIGTERM drain, and the unit files passing ``systemd-a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -55,10 +56,13 @@ def test_socket_activation_ready_status_and_drain(short_tmp: Path, sim_dir: Path
         cfg = make_cfg(short_tmp, sim_dir, compat_socket=act_compat, chute_socket=act_chute)
         socks = [listening_socket(act_compat), listening_socket(act_chute)]
         fdnames = "chutes-attest.socket:chutes-attest.socket"
+    inodes = {p: os.stat(p).st_ino for p in (act_compat, act_chute)}
     proc = spawn(cfg, short_tmp, activate=socks, fdnames=fdnames,
                  env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "600000"})
     try:
         ready = notify.wait_for("READY=1")
+        # both activated sockets are served as passed: none was dropped and re-bound by the service
+        assert {p: os.stat(p).st_ino for p in inodes} == inodes
         assert any(line.startswith("STATUS=serving") for line in ready.split("\n"))
         assert f"MAINPID={proc.pid}" in ready.split("\n")
         notify.wait_for("WATCHDOG=1")  # pinged while healthy
@@ -147,6 +151,6 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr  # no warnings (unknown keys, bad values) either
-    for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ReadWritePaths=/sys/kernel/config/tsm/report",
+    for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ReadWritePaths=-/sys/kernel/config/tsm/report",
                    "DevicePolicy=closed"):
         assert needle in service
