@@ -1,0 +1,874 @@
+"""VM test images and the qemu runner, built from Debian packages only and cached by input hash.
+
+Everything lives under ``.cache/vm/`` (``$CHUTES_ATTEST_VM_CACHE``), one directory per artifact named
+``<kind>-<hash of its inputs>``; a build goes to a temporary directory and is renamed into place, so an
+interrupted build never poisons the cache. Artifacts:
+
+- ``sim-state``: the simulated quote PKI (the VM's quotes chain to its root; the validator trusts it);
+- ``tls``: a CA and a server certificate for the validator's TLS terminator (SAN 10.0.2.2, 127.0.0.1);
+- ``initramfs``: ``mkinitramfs -d CONFDIR`` where CONFDIR mimics an installed /etc/initramfs-tools
+  (the host's files plus the project's hook and scripts *copied* in, as an operator would install them);
+- ``root1``: stage-1 root (busybox + its ELF closure, a marker, an init that reports and powers off),
+  ext4 made offline with ``mkfs.ext4 -d`` and encrypted offline with ``cryptsetup reencrypt --encrypt``;
+- ``config``: the ``tdx-config`` volume (hostname, miner-ss58, network-config.yaml);
+- ``debian``: a bookworm root tarball from mmdebstrap (systemd, python3) and ``root2``: that root plus
+  the project (a venv from wheels built here) and its units, as a LUKS2 disk.
+
+Command line: ``python scripts/vm/vmlib.py build`` builds (or finds) everything and prints the paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("CHUTES_ATTEST_VM_CACHE", str(REPO / ".cache" / "vm")))
+VENV_PY = Path(os.environ.get("CHUTES_ATTEST_VENV", str(REPO / ".venv"))) / "bin" / "python"
+sys.path.insert(0, str(REPO / "initramfs"))
+from elf_closure import Resolver  # noqa: E402
+
+#: The validator as the guest sees it: slirp maps 10.0.2.2 to the host's loopback. The port is fixed
+#: because it is baked into the initramfs config (a per-run port would rebuild the image every run).
+VALIDATOR_PORT = int(os.environ.get("CHUTES_ATTEST_VM_VALIDATOR_PORT", "47443"))
+VALIDATOR_URL = f"https://10.0.2.2:{VALIDATOR_PORT}"
+HOSTNAME = "chutes-vm-e2e"
+MINER_SS58 = "5DAAnrj7VHTznn2AWBemMuyBwZWs6FNFjdyVXUeYum3PTXFy"
+NETWORK_YAML = """\
+network:
+  version: 2
+  ethernets:
+    nic0:
+      match:
+        name: "en*"
+      addresses: [10.0.2.15/24]
+      routes:
+        - to: default
+          via: 10.0.2.2
+      nameservers:
+        addresses: [10.0.2.3]
+"""
+BUSYBOX_APPLETS = ("sh", "cat", "mount", "stat", "poweroff", "echo", "awk", "sha256sum", "ls", "sleep")
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def kernel_version() -> str:
+    """Newest kernel with both a vmlinuz in /boot and modules (linux-image-amd64)."""
+    env = os.environ.get("CHUTES_ATTEST_VM_KVER")
+    if env:
+        return env
+    kvers = sorted(
+        p.name[len("vmlinuz-") :]
+        for p in Path("/boot").glob("vmlinuz-*")
+        if (Path("/lib/modules") / p.name[len("vmlinuz-") :]).is_dir()
+    )
+    if not kvers:
+        raise RuntimeError("no kernel: install linux-image-amd64 (scripts/install-deps.sh)")
+    return kvers[-1]
+
+
+def digest(*parts: object, builder: bool = True) -> str:
+    """Hash of strings/bytes and files or directory trees (paths + contents); with ``builder`` this
+    module's own source is part of it, so a change in how an image is made rebuilds it."""
+    h = hashlib.sha256(Path(__file__).read_bytes() if builder else b"")
+    for part in parts:
+        if isinstance(part, Path):
+            files = (
+                [part]
+                if part.is_file()
+                else sorted(p for p in part.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            )
+            for f in files:
+                h.update(str(f.relative_to(part) if f != part else f.name).encode() + b"\0")
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\x01")
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _lock(name: str) -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".lock-{name}", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def cached(kind: str, key: str, build: Callable[[Path], None], keep: int = 2) -> Path:
+    """``CACHE/<kind>-<key>``, built by ``build(tmpdir)`` when missing; older builds of a kind pruned."""
+    final = CACHE / f"{kind}-{key}"
+    with _lock(kind):
+        if (final / ".done").exists():
+            return final
+        tmp = CACHE / f".{kind}-{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.monotonic()
+        build(tmp)
+        (tmp / ".done").write_text(f"{time.monotonic() - t0:.1f}\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        olds = sorted((p for p in CACHE.glob(f"{kind}-*") if p != final), key=lambda p: p.stat().st_mtime)
+        for old in olds[: max(0, len(olds) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(check=True), with captured stderr quoted in the error."""
+    try:
+        return subprocess.run(argv, check=True, **kw)
+    except subprocess.CalledProcessError as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise RuntimeError(f"{' '.join(argv)}: exit {exc.returncode}\n{err[-2000:]}") from None
+
+
+def _nice(argv: list[str]) -> list[str]:
+    return ["nice", "-n", "10", *argv]
+
+
+# ---------------------------------------------------------------------------------- keys and certs
+
+
+def sim_state() -> Path:
+    """Simulated quote PKI state dir (baked into the initramfs; the validator trusts its root)."""
+
+    def build(out: Path) -> None:
+        _run(
+            [
+                str(VENV_PY),
+                "-c",
+                "import sys; from agent.sim.quote_sim import load_or_create_sim_pki as f; f(sys.argv[1])",
+                str(out / "state"),
+            ],
+            cwd=REPO,
+        )
+
+    return cached("sim-state", digest("v1"), build, keep=1) / "state"
+
+
+def tls() -> Path:
+    """CA + server cert/key for the validator's TLS terminator: ca.pem, server.pem, server.key."""
+
+    def build(out: Path) -> None:
+        import datetime as dt
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = dt.datetime.now(dt.UTC)
+        life = (now - dt.timedelta(days=1), now + dt.timedelta(days=3650))
+
+        def cert(subject: str, issuer: x509.Name | None, pub, signer, ca: bool, san=None) -> x509.Certificate:
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+            b = x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(pub)
+            b = b.serial_number(x509.random_serial_number()).not_valid_before(life[0]).not_valid_after(life[1])
+            b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+            if san is not None:
+                b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+            return b.sign(signer, hashes.SHA256())
+
+        ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        ca = cert("chutes-attest VM test CA", None, ca_key.public_key(), ca_key, True)
+        ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("10.0.2.2", "127.0.0.1")]
+        srv = cert("10.0.2.2", ca.subject, key.public_key(), ca_key, False, [*ips, x509.DNSName("localhost")])
+        pem = serialization.Encoding.PEM
+        (out / "ca.pem").write_bytes(ca.public_bytes(pem))
+        (out / "server.pem").write_bytes(srv.public_bytes(pem))
+        raw = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        _write_secret(out / "server.key", raw)
+
+    return cached("tls", digest("v1"), build, keep=1)
+
+
+# ------------------------------------------------------------------------------------------ initramfs
+
+
+def agent_toml_stage1(**boot: object) -> str:
+    """The agent config baked into the test initramfs (quote source explicitly simulated)."""
+    settings = {
+        "validator_url": VALIDATOR_URL,
+        "ca_bundle": "/etc/chutes-attest/validator-ca.pem",
+        "network": "static",
+        "root_device": "/dev/vda",
+        "root_mapper": "root",
+        "cache_enabled": False,
+        "max_attempts": 3,
+        "total_timeout_s": 120.0,
+        "request_timeout_s": 20.0,
+        "backoff_s": 1.0,
+        "backoff_max_s": 2.0,
+        "device_wait_s": 20.0,
+        "poweroff": True,
+    }
+    settings.update(boot)
+    lines = [
+        "[log]",
+        'level = "info"',
+        'format = "json"',
+        "",
+        "[quote]",
+        'source = "simulated"',
+        'simulated_state_dir = "/etc/chutes-attest/sim"',
+        "",
+        "[gpu]",
+        "enabled = false",
+        "",
+        "[boot]",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _agent_inputs() -> list[object]:
+    """What the initramfs content depends on besides initramfs/ itself."""
+    freeze = _run([str(VENV_PY), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True).stdout
+    return [
+        REPO / "agent",
+        freeze,
+        kernel_version(),
+        Path("/etc/initramfs-tools/initramfs.conf"),
+        Path("/etc/initramfs-tools/modules"),
+        Path("/usr/share/initramfs-tools"),
+    ]
+
+
+def install_confdir(dest: Path, settings: dict[str, str]) -> Path:
+    """A CONFDIR laid out like an installed /etc/initramfs-tools with the hook and scripts copied in."""
+    shutil.copytree("/etc/initramfs-tools", dest, symlinks=True)
+    (dest / "hooks").mkdir(exist_ok=True)
+    shutil.copy2(REPO / "initramfs/hooks/chutes-attest", dest / "hooks/chutes-attest")
+    for phase in ("init-top", "init-premount"):
+        (dest / "scripts" / phase).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f"initramfs/scripts/{phase}/chutes-attest", dest / "scripts" / phase / "chutes-attest")
+    conf = "".join(f"{k}={json.dumps(v)}\n" for k, v in settings.items())
+    (dest / "chutes-attest.conf").write_text(conf)
+    return dest
+
+
+def mkinitramfs(confdir: Path, out: Path) -> None:
+    _run(_nice(["mkinitramfs", "-d", str(confdir), "-o", str(out), kernel_version()]), stdout=subprocess.DEVNULL)
+
+
+def initramfs(agent_toml: str, with_agent: bool = True) -> Path:
+    """The test initramfs (``initrd.img`` in the returned dir) built through an installed-style CONFDIR."""
+    sim, certs = sim_state(), tls()
+    key = digest(REPO / "initramfs", agent_toml, sim, certs / "ca.pem", with_agent, *_agent_inputs())
+
+    def build(out: Path) -> None:
+        extra = out / "extra"
+        (extra / "etc/chutes-attest").mkdir(parents=True)
+        shutil.copytree(sim, extra / "etc/chutes-attest/sim")
+        shutil.copy2(certs / "ca.pem", extra / "etc/chutes-attest/validator-ca.pem")
+        (out / "agent.toml").write_text(agent_toml)
+        settings = {
+            "CHUTES_ATTEST_BUILD_PYTHON": str(VENV_PY),
+            "CHUTES_ATTEST_INITRAMFS_DIR": str(REPO / "initramfs"),
+            "CHUTES_ATTEST_AGENT_TOML": str(out / "agent.toml"),
+            "CHUTES_ATTEST_EXTRA_TREE": str(extra),
+            "CHUTES_ATTEST_WITH_SIM": "yes",
+        }
+        confdir = install_confdir(out / "confdir", settings)
+        if not with_agent:
+            (confdir / "hooks/chutes-attest").unlink()
+            for phase in ("init-top", "init-premount"):
+                (confdir / "scripts" / phase / "chutes-attest").unlink()
+        mkinitramfs(confdir, out / "initrd.img")
+
+    return cached("initramfs" if with_agent else "initramfs-plain", key, build) / "initrd.img"
+
+
+# ------------------------------------------------------------------------------------------- disks
+
+
+def copy_elf_with_closure(binary: Path, root: Path) -> None:
+    """Copy ``binary`` and its pyelftools-resolved libraries (+ ld.so) into ``root`` at the same paths."""
+    res = Resolver().closure([binary])
+    if res.missing:
+        raise RuntimeError(f"{binary}: missing libraries {res.missing}")
+
+    def merged(p: Path) -> Path:
+        parts = p.parts
+        return Path("/usr", *parts[1:]) if len(parts) > 1 and parts[1] in ("bin", "lib", "lib64", "sbin") else p
+
+    for src in [binary, *res.libraries, *res.interpreters]:
+        real, link = merged(src.resolve()), merged(src)
+        dst = root / str(real).lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            shutil.copy2(real, dst)
+        ldst = root / str(link).lstrip("/")
+        if link != real and not ldst.exists() and not ldst.is_symlink():
+            ldst.parent.mkdir(parents=True, exist_ok=True)
+            ldst.symlink_to(os.path.relpath(real, link.parent))
+
+
+def stage1_tree(tree: Path, marker: str) -> None:
+    """Tiny root: busybox, a marker, and an init that proves it runs from the unlocked disk."""
+    for d in ("proc", "sys", "dev", "run", "tmp", "sbin", "etc"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    # usr-merged like Debian: /bin, /lib, /lib64 point into /usr
+    (tree / "usr/bin").mkdir(parents=True)
+    for d in ("bin", "lib", "lib64"):
+        (tree / "usr" / d).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tree / d, ignore_errors=True)
+        (tree / d).symlink_to(f"usr/{d}")
+    copy_elf_with_closure(Path("/usr/bin/busybox"), tree)
+    for applet in BUSYBOX_APPLETS:
+        (tree / "usr/bin" / applet).symlink_to("busybox")
+    (tree / "marker").write_text(marker + "\n")
+    init = tree / "sbin/init"
+    init.write_text(STAGE1_INIT)
+    init.chmod(0o755)
+
+
+STAGE1_INIT = """\
+#!/bin/sh
+# Stage-1 root init: report what the initramfs handed over, then power off.
+export PATH=/usr/bin:/bin
+mount -t proc proc /proc 2>/dev/null
+echo "STAGE1-ROOT: $(awk '$2 == "/" {print $1}' /proc/mounts)"
+echo "STAGE1-MARKER: $(cat /marker)"
+for f in /run/chutes/vm-name /run/chutes/hotkey /run/chutes/boot-token; do
+    echo "STAGE1-STAT: $(stat -c '%n mode=%a uid=%u size=%s' "$f" 2>&1)"
+done
+echo "STAGE1-VMNAME: $(cat /run/chutes/vm-name 2>&1)"
+echo "STAGE1-HOTKEY: $(cat /run/chutes/hotkey 2>&1)"
+echo "STAGE1-BOOT-TOKEN-SHA256: $(sha256sum /run/chutes/boot-token 2>&1 | awk '{print $1}')"
+echo "STAGE1-DONE"
+poweroff -f
+"""
+
+
+def luks_encrypt_offline(tree: Path, img: Path, passphrase: bytes, fs_mb: int) -> None:
+    """ext4 from ``tree`` (mkfs.ext4 -d), then offline LUKS2 encryption in place (fast PBKDF: tests)."""
+    header_mb = 16
+    with open(img, "wb") as fh:
+        fh.truncate((fs_mb + header_mb) * 1024 * 1024)
+    _run(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(img), f"{fs_mb}M"])
+    _run(
+        [
+            "cryptsetup",
+            "reencrypt",
+            "--encrypt",
+            "--type",
+            "luks2",
+            "--reduce-device-size",
+            f"{header_mb}M",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--batch-mode",
+            "--key-file",
+            "-",
+            str(img),
+        ],
+        input=passphrase,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@dataclass(frozen=True)
+class LuksDisk:
+    image: Path
+    passphrase: bytes  # handed to the faithful validator only
+    marker: str
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def root1() -> LuksDisk:
+    """Stage-1 LUKS2 root disk (the cached passphrase file is test-harness state, mode 0600)."""
+    key = digest(STAGE1_INIT, BUSYBOX_APPLETS, Path("/usr/bin/busybox"), "v1")
+
+    def build(out: Path) -> None:
+        marker = "root-marker-" + secrets.token_hex(8)
+        passphrase = secrets.token_hex(32).encode()
+        stage1_tree(out / "tree", marker)
+        luks_encrypt_offline(out / "tree", out / "root.img", passphrase, fs_mb=16)
+        shutil.rmtree(out / "tree")
+        _write_secret(out / "passphrase", passphrase)
+        (out / "marker").write_text(marker)
+
+    d = cached("root1", key, build)
+    return LuksDisk(d / "root.img", (d / "passphrase").read_bytes(), (d / "marker").read_text())
+
+
+def _rewrite_luks2_json(img: Path, edit: Callable[[dict], None]) -> None:
+    """Edit the LUKS2 JSON metadata of both header copies in place and fix their checksums."""
+    with open(img, "r+b") as fh:
+        primary = fh.read(4096)
+        if primary[:6] != b"LUKS\xba\xbe":
+            raise ValueError(f"{img}: not a LUKS2 header")
+        hdr_size = int.from_bytes(primary[8:16], "big")
+        for offset in (0, hdr_size):
+            fh.seek(offset)
+            area = bytearray(fh.read(hdr_size))
+            meta = json.loads(bytes(area[4096:]).rstrip(b"\0"))
+            edit(meta)
+            text = json.dumps(meta, separators=(",", ":")).encode()
+            area[4096:] = text + bytes(hdr_size - 4096 - len(text))
+            area[448:512] = bytes(64)
+            area[448:480] = hashlib.sha256(area).digest()
+            fh.seek(offset)
+            fh.write(area)
+
+
+def cipher_null_copy(disk: LuksDisk, dest: Path) -> Path:
+    """A copy of ``disk`` whose LUKS2 header says the data segment is ``cipher_null-ecb``.
+
+    The header-swap attack (prior-art.md): the keyslots still accept the real passphrase, so a naive
+    client unlocks a volume whose 'encryption' is the identity and whose contents the host chose. The
+    agent must refuse this header before using the key.
+    """
+    shutil.copyfile(disk.image, dest)
+
+    def edit(meta: dict) -> None:
+        for seg in meta["segments"].values():
+            seg["encryption"] = "cipher_null-ecb"
+
+    _rewrite_luks2_json(dest, edit)
+    return dest
+
+
+def config_volume(hostname: str = HOSTNAME, miner: str = MINER_SS58, network_yaml: str = NETWORK_YAML) -> Path:
+    """ext4 labelled tdx-config with the three files the host tooling writes."""
+
+    def build(out: Path) -> None:
+        tree = out / "tree"
+        tree.mkdir()
+        (tree / "hostname").write_text(hostname + "\n")
+        (tree / "miner-ss58").write_text(miner + "\n")
+        (tree / "network-config.yaml").write_text(network_yaml)
+        img = out / "config.img"
+        with open(img, "wb") as fh:
+            fh.truncate(8 * 1024 * 1024)
+        _run(["mkfs.ext4", "-q", "-L", "tdx-config", "-d", str(tree), str(img)])
+        shutil.rmtree(tree)
+
+    return cached("config", digest(hostname, miner, network_yaml), build, keep=3) / "config.img"
+
+
+# ------------------------------------------------------------------------------------------- stage 2
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = os.environ.get("CHUTES_ATTEST_VM_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_PACKAGES = ("systemd", "systemd-sysv", "udev", "python3", "python3-venv", "python3-systemd", "kmod", "iproute2")
+E2E_UNIT = """\
+[Unit]
+Description=chutes-attest VM end-to-end check (test image only)
+Wants=chutes-attest.socket
+After=chutes-attest.socket multi-user.target
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Service]
+Type=oneshot
+ExecStart=/opt/chutes-attest/bin/python /usr/local/lib/chutes-e2e/guest_check.py
+StandardOutput=journal+console
+StandardError=journal+console
+TimeoutStartSec=900
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def agent_toml_stage2() -> str:
+    return """\
+[quote]
+source = "simulated"
+simulated_state_dir = "/var/lib/chutes-attest/sim"
+
+[gpu]
+enabled = false
+
+[tpm]
+mode = "off"
+"""
+
+
+def debian_base() -> Path:
+    """bookworm root tarball made by mmdebstrap (cached: the slow, network-bound part of a cold run)."""
+
+    def build(out: Path) -> None:
+        _run(
+            _nice(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=apt",
+                    f"--include={','.join(DEBIAN_PACKAGES)}",
+                    "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/doc/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*",
+                    DEBIAN_SUITE,
+                    str(out / "base.tar"),
+                    DEBIAN_MIRROR,
+                ]
+            )
+        )
+
+    return (
+        cached("debian", digest(DEBIAN_SUITE, DEBIAN_PACKAGES, DEBIAN_MIRROR, "v1", builder=False), build, keep=1)
+        / "base.tar"
+    )
+
+
+def wheels() -> Path:
+    """Wheels of the project + its runtime deps at the versions in the project venv (pip cache helps)."""
+    freeze = _run([str(VENV_PY), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True).stdout
+    src = [REPO / "agent", REPO / "native", REPO / "pyproject.toml", REPO / "setup.py"]
+
+    def build(out: Path) -> None:
+        constraints = out / "constraints.txt"
+        constraints.write_text("".join(ln + "\n" for ln in freeze.splitlines() if "==" in ln))
+        _run(
+            _nice(
+                [
+                    str(VENV_PY),
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "-q",
+                    "--no-build-isolation",
+                    "-w",
+                    str(out / "wheels"),
+                    "-c",
+                    str(constraints),
+                    str(REPO),
+                ]
+            ),
+            capture_output=True,
+        )
+
+    return cached("wheels", digest(*[p for p in src if p.exists()], freeze), build) / "wheels"
+
+
+def _chroot(tree: Path, *argv: str) -> None:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    _run(["chroot", str(tree), *argv], env=env, stdout=subprocess.DEVNULL)
+
+
+def _unit_workarounds(unit_text: str) -> dict[str, str]:
+    """Drop-ins for unit bugs found by this suite (reported), each applied only while the bug is present."""
+    out = {}
+    if "ReadWritePaths=/sys/kernel/config/tsm/report" in unit_text:
+        # Without "-" systemd refuses to start the service (226/NAMESPACE) on kernels without configfs-tsm.
+        out["50-vm-test-optional-tsm.conf"] = (
+            "[Service]\nReadWritePaths=\nReadWritePaths=-/sys/kernel/config/tsm/report\n"
+        )
+    cert_code = (REPO / "agent/serve/service_cert.py").read_text()
+    if "if_nameindex" in cert_code and "AF_NETLINK" not in unit_text:
+        # socket.if_nameindex() opens a netlink socket: EAFNOSUPPORT under RestrictAddressFamilies when the
+        # service creates its certificate on first start.
+        out["51-vm-test-netlink.conf"] = "[Service]\nRestrictAddressFamilies=AF_NETLINK\n"
+    return out
+
+
+def _passwd_ids(tree: Path, user: str) -> tuple[int, int]:
+    for line in (tree / "etc/passwd").read_text().splitlines():
+        f = line.split(":")
+        if f[0] == user:
+            return int(f[2]), int(f[3])
+    raise RuntimeError(f"user {user} not created in the image (sysusers)")
+
+
+def stage2_tree(tree: Path) -> None:
+    """Debian + the project in a venv (Debian's python3-systemd for journald) + units, enabled."""
+    tree.mkdir()
+    _run(["tar", "-C", str(tree), "-xpf", str(debian_base()), "--numeric-owner"])
+    shutil.copytree(wheels(), tree / "tmp/wheels")
+    _chroot(tree, "python3", "-m", "venv", "--system-site-packages", "/opt/chutes-attest")
+    _chroot(
+        tree,
+        "/opt/chutes-attest/bin/pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        "/tmp/wheels",
+        "chutes-attest-agent",
+    )
+    shutil.rmtree(tree / "tmp/wheels")
+    (tree / "usr/bin/chutes-attest").symlink_to("/opt/chutes-attest/bin/chutes-attest")
+    sysd = REPO / "systemd"
+    for unit in ("chutes-attest.service", "chutes-attest.socket"):
+        shutil.copy2(sysd / unit, tree / "etc/systemd/system" / unit)
+    for src, dst in (
+        ("chutes-attest.sysusers.conf", "usr/lib/sysusers.d/chutes-attest.conf"),
+        ("chutes-attest.tmpfiles.conf", "usr/lib/tmpfiles.d/chutes-attest.conf"),
+    ):
+        if (sysd / src).exists():
+            (tree / dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(sysd / src, tree / dst)
+    _run(["systemd-sysusers", f"--root={tree}"], stdout=subprocess.DEVNULL)
+    for name, text in _unit_workarounds((sysd / "chutes-attest.service").read_text()).items():
+        dropin = tree / "etc/systemd/system/chutes-attest.service.d"
+        dropin.mkdir(parents=True, exist_ok=True)
+        (dropin / name).write_text(text)
+    # Install step an operator does (systemd never chowns a ConfigurationDirectory): the config readable by
+    # the service group, the service-certificate directory writable by the service (cert made on first start).
+    uid, gid = _passwd_ids(tree, "chutes-attest")
+    conf_dir = tree / "etc/chutes-attest"
+    conf_dir.mkdir(mode=0o750, exist_ok=True)
+    os.chown(conf_dir, 0, gid)
+    conf_dir.chmod(0o750)
+    (conf_dir / "agent.toml").write_text(agent_toml_stage2())
+    os.chown(conf_dir / "agent.toml", 0, gid)
+    (conf_dir / "agent.toml").chmod(0o640)
+    certs = tree / "etc/attestation-service/certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    os.chown(certs, uid, gid)
+    certs.chmod(0o750)
+    check = tree / "usr/local/lib/chutes-e2e"
+    check.mkdir(parents=True)
+    shutil.copy2(REPO / "tests/vm/guest_check.py", check / "guest_check.py")
+    (tree / "etc/systemd/system/chutes-attest-e2e.service").write_text(E2E_UNIT)
+    (tree / "etc/hostname").write_text(HOSTNAME + "\n")
+    (tree / "etc/fstab").write_text("# root is opened and mounted by the initramfs (chutes-attest boot)\n")
+    _run(
+        [
+            "systemctl",
+            f"--root={tree}",
+            "enable",
+            "chutes-attest.socket",
+            "chutes-attest.service",
+            "chutes-attest-e2e.service",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    # a quiet console: no login prompt interleaving with the results
+    _run(
+        ["systemctl", f"--root={tree}", "mask", "serial-getty@ttyS0.service", "getty@tty1.service"],
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def root2() -> LuksDisk:
+    """Stage-2 LUKS2 root: Debian with systemd and the project, encrypted offline like stage 1."""
+    key = digest(
+        debian_base().parent.name,
+        wheels().parent.name,
+        REPO / "systemd",
+        REPO / "tests/vm/guest_check.py",
+        json.dumps(_unit_workarounds((REPO / "systemd/chutes-attest.service").read_text())),
+        E2E_UNIT,
+        agent_toml_stage2(),
+        "v1",
+    )
+
+    def build(out: Path) -> None:
+        tree = out / "tree"
+        stage2_tree(tree)
+        marker = "root2-marker-" + secrets.token_hex(8)
+        (tree / "marker").write_text(marker + "\n")
+        used_mb = int(_run(["du", "-sm", str(tree)], capture_output=True, text=True).stdout.split()[0])
+        passphrase = secrets.token_hex(32).encode()
+        luks_encrypt_offline(tree, out / "root.img", passphrase, fs_mb=int(used_mb * 1.3) + 128)
+        shutil.rmtree(tree)
+        _write_secret(out / "passphrase", passphrase)
+        (out / "marker").write_text(marker)
+
+    d = cached("root2", key, build, keep=1)
+    return LuksDisk(d / "root.img", (d / "passphrase").read_bytes(), (d / "marker").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ qemu
+
+
+@dataclass
+class VmResult:
+    returncode: int
+    console: str
+    seconds: float
+    timed_out: bool
+
+
+def qemu_argv(
+    initrd: Path, disks: Iterable[Path], console_log: Path, append: str = "", memory_mb: int = 1024
+) -> list[str]:
+    """TCG (no KVM), one vCPU, no default devices; serial console to a file; virtio disks (snapshot=on,
+    the cached images are never written) and virtio-net on slirp (the host's loopback is 10.0.2.2)."""
+    kver = kernel_version()
+    cmdline = f"console=ttyS0,115200 root=/dev/mapper/root ro panic=-1 {append}".strip()
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-nographic",
+        "-monitor",
+        "none",
+        "-serial",
+        f"file:{console_log}",
+        "-no-reboot",
+        "-kernel",
+        f"/boot/vmlinuz-{kver}",
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=rng0",
+    ]
+    for d in disks:
+        argv += ["-drive", f"file={d},if=virtio,format=raw,snapshot=on"]
+    return _nice(argv)
+
+
+async def run_vm_async(
+    initrd: Path,
+    disks: Iterable[Path],
+    console_log: Path,
+    append: str = "",
+    timeout_s: float = 600,
+    memory_mb: int = 1024,
+) -> VmResult:
+    """As :func:`run_vm`, without blocking the event loop (the faithful validator runs in-process)."""
+    import asyncio
+
+    argv = qemu_argv(initrd, disks, console_log, append, memory_mb)
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    timed_out = False
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        timed_out = True
+        proc.kill()
+        _, err = await proc.communicate()
+    text = console_log.read_text(errors="replace") if console_log.exists() else ""
+    if proc.returncode and not timed_out and err:
+        text += "\n[qemu stderr] " + err.decode(errors="replace")
+    return VmResult(proc.returncode or 0, text, time.monotonic() - t0, timed_out)
+
+
+def run_vm(
+    initrd: Path,
+    disks: Iterable[Path],
+    console_log: Path,
+    append: str = "",
+    timeout_s: float = 600,
+    memory_mb: int = 1024,
+) -> VmResult:
+    """Boot the Debian kernel + ``initrd`` under TCG and wait for it to power off (or time out)."""
+    argv = qemu_argv(initrd, disks, console_log, append, memory_mb)
+    t0 = time.monotonic()
+    timed_out = False
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        _, err = proc.communicate()
+    text = console_log.read_text(errors="replace") if console_log.exists() else ""
+    if proc.returncode and not timed_out and err:
+        text += "\n[qemu stderr] " + err.decode(errors="replace")
+    return VmResult(proc.returncode, text, time.monotonic() - t0, timed_out)
+
+
+@contextlib.asynccontextmanager
+async def faithful_validator(state_dir: Path):
+    """The faithful validator (nginx TLS terminator + app) on VALIDATOR_PORT with the cached server
+    certificate (SAN 10.0.2.2) that the CA bundle baked into the initramfs trusts."""
+    from agent.sim import validator_nginx
+    from agent.sim.quote_sim import load_or_create_sim_pki
+    from agent.sim.validator import FaithfulValidator
+
+    root_ca = load_or_create_sim_pki(sim_state()).root_ca_pem
+    v = FaithfulValidator(state_dir, root_ca_pem=root_ca, port=VALIDATOR_PORT)
+    certs = tls()
+    v.tls = validator_nginx.TlsFiles(certs / "ca.pem", certs / "server.pem", certs / "server.key")
+    await v.start()
+    try:
+        yield v
+    finally:
+        await v.stop()
+
+
+async def boot_demo(stage: str, workdir: Path) -> VmResult:
+    """One attested boot against the faithful validator (the manual counterpart of the test suite)."""
+    from agent.log import Secret
+
+    disk = root1() if stage == "stage1" else root2()
+    initrd, config = initramfs(agent_toml_stage1()), config_volume()
+    async with faithful_validator(workdir / "validator") as v:
+        v.add_vm(HOSTNAME, MINER_SS58, Secret(disk.passphrase))
+        log = workdir / f"{stage}.console.log"
+        print(f"booting {stage} (TCG; console: {log})", flush=True)
+        return await run_vm_async(initrd, [disk.image, config], log, append="rw" if stage == "stage2" else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build (or find cached) VM test images")
+    ap.add_argument(
+        "what",
+        choices=["build", "size", "boot-stage1", "boot-stage2"],
+        help="build: all images; size: initramfs size the agent adds; boot-*: one attested boot",
+    )
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    if args.what.startswith("boot-"):
+        import asyncio
+
+        work = Path(tempfile.mkdtemp(prefix="chutes-vm-"))
+        res = asyncio.run(boot_demo(args.what[len("boot-") :], work))
+        print(res.console[-6000:])
+        print(f"qemu exit {res.returncode}, {res.seconds:.1f} s, console log {work}")
+    elif args.what == "build":
+        print("initramfs:", initramfs(agent_toml_stage1()))
+        print("root1:", root1().image)
+        print("config:", config_volume())
+        print("root2:", root2().image)
+    else:
+        with_agent = initramfs(agent_toml_stage1())
+        plain = initramfs(agent_toml_stage1(), with_agent=False)
+        a, b = with_agent.stat().st_size, plain.stat().st_size
+        print(f"initramfs with agent {a} B, without {b} B, added {a - b} B ({(a - b) / 2**20:.1f} MiB)")
+    print(f"took {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

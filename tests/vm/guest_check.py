@@ -1,0 +1,215 @@
+"""Runs INSIDE the stage-2 VM (oneshot unit): calls both sockets, checks journald and systemd, prints results.
+
+Each result is one console line ``STAGE2-RESULT: {"check": ..., "ok": bool, ...}``; the host-side test
+asserts on them. Uses only the stdlib plus the agent's own quote parser (what a client would use).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+
+COMPAT = "/run/attestation-service/attestation.sock"
+CHUTE = "/run/chutes-attest/chutes.sock"
+CERT = "/etc/attestation-service/certs/server.crt"
+SIM_STATE = "/var/lib/chutes-attest/sim"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 300.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def get(sock: str, path: str) -> tuple[int, object]:
+    conn = UnixHTTPConnection(sock)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, body.decode(errors="replace")
+
+
+FAILURES: list[str] = []
+
+
+def emit(check: str, ok: bool, **fields: object) -> None:
+    if not ok:
+        FAILURES.append(check)
+    line = "STAGE2-RESULT: " + json.dumps({"check": check, "ok": bool(ok), **fields}, default=str)
+    print(line, flush=True)
+
+
+def spki_sha256() -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    with open(CERT, "rb") as fh:
+        cert = x509.load_pem_x509_certificate(fh.read())
+    return hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
+
+
+def check_quote(check: str, quote_b64: str, nonce: bytes) -> None:
+    from agent.quote import parse_quote, verify_quote
+    from agent.sim.quote_sim import load_or_create_sim_pki
+
+    raw = base64.b64decode(quote_b64, validate=True)
+    q = parse_quote(raw)
+    rd = bytes(q.report_data)
+    verified = verify_quote(q, load_or_create_sim_pki(SIM_STATE).root_ca_pem).ok
+    cert_hash = spki_sha256()
+    emit(
+        check,
+        rd[:32] == nonce and rd[32:] == cert_hash and verified,
+        version=q.version,
+        quote_len=len(raw),
+        nonce_bound=rd[:32] == nonce,
+        cert_bound=rd[32:] == cert_hash,
+        signature_ok=verified,
+        debug=q.debug,
+    )
+
+
+def systemctl_show(unit: str, props: str) -> dict[str, str]:
+    out = subprocess.run(["systemctl", "show", unit, "-p", props], capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    sock_state = systemctl_show("chutes-attest.socket", "ActiveState,SubState,Listen")
+    emit("socket_unit", sock_state.get("ActiveState") == "active", **sock_state)
+    emit(
+        "socket_paths",
+        os.path.exists(COMPAT) and os.path.exists(CHUTE),
+        compat=os.path.exists(COMPAT),
+        chute=os.path.exists(CHUTE),
+    )
+
+    status, body = get(COMPAT, "/health")
+    emit(
+        "compat_health",
+        status == 200 and body == "pong",
+        status=status,
+        body=body,
+        first_request_s=round(time.monotonic() - t0, 2),
+    )
+
+    nonce = secrets.token_bytes(32)
+    status, body = get(COMPAT, f"/tdx/quote?nonce={nonce.hex()}")
+    if status == 200 and isinstance(body, str):
+        check_quote("compat_tdx_quote", body, nonce)
+    else:
+        emit("compat_tdx_quote", False, status=status, body=body)
+
+    nonce = secrets.token_bytes(32)
+    status, body = get(COMPAT, f"/attest?nonce={nonce.hex()}")
+    if status == 200 and isinstance(body, dict) and "tdx_quote" in body:
+        check_quote("compat_attest", body["tdx_quote"], nonce)
+    else:
+        emit("compat_attest", False, status=status, body=body)
+
+    status, body = get(COMPAT, "/tdx/quote?nonce=not-hex")
+    emit(
+        "compat_bad_nonce",
+        status == 400 and isinstance(body, dict) and "nonce" in json.dumps(body),
+        status=status,
+        body=body,
+    )
+
+    nonce = secrets.token_bytes(32)
+    status, body = get(CHUTE, f"/v1/evidence?nonce={nonce.hex()}")
+    if status == 200 and isinstance(body, dict):
+        ok_doc = body.get("nonce") == nonce.hex() and body.get("report_data", "")[:64] == nonce.hex()
+        emit("chute_evidence_doc", ok_doc, keys=sorted(body))
+        check_quote("chute_evidence_quote", body["quote"], nonce)
+    else:
+        emit("chute_evidence_doc", False, status=status, body=body)
+
+    status, body = get(CHUTE, "/v1/status")
+    boot = body.get("boot") if isinstance(body, dict) else None
+    emit(
+        "chute_status",
+        status == 200 and isinstance(body, dict),
+        status=status,
+        quote_source=body.get("quote_source") if isinstance(body, dict) else None,
+        boot_outcome=boot.get("outcome") if isinstance(boot, dict) else boot,
+    )
+
+    svc = systemctl_show(
+        "chutes-attest.service",
+        "ActiveState,SubState,Type,WatchdogUSec,WatchdogTimestampMonotonic,NRestarts,MainPID,User",
+    )
+    emit(
+        "service_active_watchdog",
+        svc.get("ActiveState") == "active"
+        and svc.get("WatchdogUSec") not in (None, "0", "infinity")
+        and svc.get("WatchdogTimestampMonotonic", "0") != "0",
+        **svc,
+    )
+
+    out = subprocess.run(
+        ["journalctl", "-o", "json", "--no-pager", "-u", "chutes-attest.service"], capture_output=True, text=True
+    ).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    structured = [
+        e for e in entries if e.get("MESSAGE_ID") and e.get("EVENT") and e.get("SYSLOG_IDENTIFIER") == "chutes-attest"
+    ]
+    events = sorted({e["EVENT"] for e in structured})
+    sample = next(
+        (e for e in structured if e["EVENT"].startswith("serve.request")), structured[0] if structured else {}
+    )
+    fields = sorted(k for k in sample if not k.startswith("_") and not k.startswith("__"))
+    emit(
+        "journald_fields",
+        bool(structured),
+        entries=len(entries),
+        structured=len(structured),
+        events=events,
+        sample_event=sample.get("EVENT"),
+        sample_fields=fields,
+        sample_message_id=sample.get("MESSAGE_ID"),
+    )
+    return 1 if FAILURES else 0
+
+
+def diagnostics() -> None:
+    """On failure: the service's own log lines, so the host-side assertion message shows the cause."""
+    out = subprocess.run(
+        ["journalctl", "--no-pager", "-o", "cat", "-n", "60", "-u", "chutes-attest.service"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        print(f"STAGE2-DIAG: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        rc = main()
+    except Exception as exc:  # report, never hang the VM
+        emit("guest_check_crashed", False, error=f"{type(exc).__name__}: {exc}")
+        rc = 1
+    if rc:
+        diagnostics()
+    print("STAGE2-DONE", flush=True)
+    sys.exit(rc)
