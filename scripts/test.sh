@@ -5,5 +5,5 @@ set -eu
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 . ./scripts/venv.sh
-ruff check agent tests bench
+ruff check agent tests bench initramfs scripts
 python -m pytest "$@"

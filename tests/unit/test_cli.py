@@ -56,6 +56,6 @@ def test_boot_ignores_environment_overrides(tmp_path) -> None:
 
 def test_boot_refuses_plain_http_validator(tmp_path) -> None:
     res = _boot(tmp_path, "--set", "boot.validator_url=http://10.0.0.1:8080", env_extra={})
-    line = [x for x in (res.stdout + res.stderr).splitlines() if "TDX-LUKS-UNLOCK-FAILED" in x][0]
+    line = next(x for x in (res.stdout + res.stderr).splitlines() if "TDX-LUKS-UNLOCK-FAILED" in x)
     assert "must be an https:// URL" in line
     assert res.returncode == cli.EXIT_USAGE
