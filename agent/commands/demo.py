@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail", choices=FAIL_MODES, default="none",
                         help="inject one boot failure to watch the agent fail closed")
     parser.add_argument("--boot-only", action="store_true", help="stop after the boot flow")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (default: removed on exit)")
     parser.add_argument("--once", action="store_true",
                         help="call every route once, print PASS/FAIL and exit instead of waiting for Ctrl-C")
 
@@ -44,3 +46,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
                                     once=args.once))
     except KeyboardInterrupt:
         return 0
+    finally:
+        if not args.work_dir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"demo: removed {work} (--keep keeps it)")
