@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from agent.log import get_logger
+from agent.serve.errors import ApiError, json_response
 from agent.serve.peer import UNKNOWN, Peer, PeerResolver
 
 log = get_logger(__name__)
@@ -46,6 +49,9 @@ class ConnTracker:
         #: One caller (container / uid scope) may not take every slot from its neighbours.
         self.max_per_caller = max_per_caller or max_connections
         self._scopes: dict[str, int] = {}
+        #: Renders the JSON error body for requests aiohttp cannot parse (None: aiohttp's own answer).
+        self.error_body: Callable[[ApiError], dict[str, str]] | None = None
+        self._json_handler_cls: type | None = None
         self.idle_timeout_s = idle_timeout_s
         self.header_timeout_s = header_timeout_s
         self.states: dict[Any, ConnState] = {}
@@ -80,7 +86,16 @@ class ConnTracker:
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         def make() -> asyncio.Protocol:
-            return _TrackedProtocol(self, inner())
+            proto = inner()
+            if self.error_body is not None:
+                # aiohttp answers unparseable HTTP itself (text/plain, a logged traceback); answer in JSON.
+                # RequestHandler has __slots__, so swap in a slot-compatible subclass that overrides it.
+                if self._json_handler_cls is None:
+                    base = type(proto)
+                    self._json_handler_cls = type(f"JsonErrors{base.__name__}", (base,), {
+                        "__slots__": (), "handle_error": _json_protocol_error(self.name, self.error_body)})
+                proto.__class__ = self._json_handler_cls
+            return _TrackedProtocol(self, proto)
 
         return make
 
@@ -172,6 +187,26 @@ class ConnTracker:
             self.resolver.forget(st.peer.pid)
         else:
             self._pids[st.peer.pid] = left
+
+
+def _json_protocol_error(socket_name: str, render: Callable[[ApiError], dict[str, str]]) -> Callable[..., Any]:
+    """A replacement for aiohttp's ``RequestHandler.handle_error``: same contract, JSON body, no traceback,
+    and the raw request line is never echoed back."""
+
+    def handle_error(self: Any, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        log.info("serve.bad_http", socket=socket_name, status=status, reason=type(exc).__name__ if exc else "")
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started, cannot send the error")
+        if status >= 500:
+            err = ApiError(500, "internal_error", "internal error")
+        else:
+            err = ApiError(status, "bad_http", f"malformed HTTP request ({type(exc).__name__ if exc else status})")
+        resp = json_response(render(err), status=err.status)
+        resp.force_close()
+        return resp
+
+    return handle_error
 
 
 class _TrackedProtocol(asyncio.Protocol):

@@ -117,6 +117,7 @@ class Service:
                               idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s,
                               max_per_caller=s.max_connections_per_caller)
         render = compat_body if name == "compat" else chute_body
+        tracker.error_body = render
         mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,
                              timeout_s=s.request_timeout_s, counters=self.ctx.counters, no_timeout=NO_TIMEOUT)
         app = web.Application(middlewares=[mw], client_max_size=s.max_body_bytes)

@@ -373,6 +373,10 @@ async def raw_exchange(path: str, payload: bytes) -> bytes:
 async def test_malformed_http_is_400(service: Service, payload: bytes) -> None:
     data = await raw_exchange(sock(service), payload)
     assert data.startswith(b"HTTP/1.") and data.split(b" ")[1][:1] == b"4", data[:80]
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"] == "bad_http"
+    assert payload.split(b"\r\n")[0] not in body  # the raw request line is never echoed
 
 
 async def test_connection_cap(service_factory) -> None:
