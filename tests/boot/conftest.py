@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,12 +23,6 @@ from agent.log import Secret
 from agent.sim.luks_image import make_config_volume, make_ext4_image, make_luks_image, random_hotkey
 from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import FaithfulValidator
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop mounts)")
-needs_tools = pytest.mark.skipif(
-    not (shutil.which("cryptsetup") and (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"))),
-    reason="needs cryptsetup and nginx (scripts/install-deps.sh)",
-)
 
 
 class ProcScanner:

@@ -10,9 +10,7 @@ from pathlib import Path
 from agent.boot.cryptsetup import Cryptsetup
 from agent.quote import parse_quote
 from agent.sim.validator import Fault
-from tests.boot.conftest import BootRig, needs_root, needs_tools
-
-pytestmark = [needs_root, needs_tools]
+from tests.boot.conftest import BootRig
 
 
 async def test_full_boot_unlocks_and_hands_off(rig: BootRig) -> None:
@@ -99,20 +97,8 @@ async def test_newer_generation_fields_are_tolerated_and_recorded(rig: BootRig) 
     assert "ab" * 32 not in rig.logs.getvalue() and "ab" * 32 not in Path(rig.cfg.serve.boot_status_path).read_text()
 
 
-def _fuse_available() -> bool:
-    try:
-        import fuse  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return os.path.exists("/dev/fuse")
-
-
 async def test_full_boot_with_emulated_configfs_tsm(rig: BootRig) -> None:
     """The production ConfigfsTsmSource, unmodified, against the FUSE configfs-tsm emulator."""
-    import pytest
-
-    if not _fuse_available():
-        pytest.skip("FUSE not available")
     from agent.evidence.sources import make_quote_source
     from agent.sim.tsm_emulator import mounted_tsm
 

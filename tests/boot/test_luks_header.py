@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,6 @@ from agent.boot.cryptsetup import Cryptsetup
 from agent.boot.luks_header import LuksHeaderError, check_binary_header, validate_metadata
 from agent.log import Secret
 from agent.sim.luks_image import make_luks_image
-
-pytestmark = pytest.mark.skipif(not shutil.which("cryptsetup"), reason="needs cryptsetup")
 
 
 @pytest.fixture(scope="module")

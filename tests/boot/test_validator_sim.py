@@ -16,9 +16,6 @@ from agent.evidence.report_data import build_report_data
 from agent.sim.luks_image import random_hotkey
 from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import FaithfulValidator, Fault
-from tests.boot.conftest import needs_tools
-
-pytestmark = [needs_tools]
 
 
 @pytest.fixture

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root (loop mount, FUSE, cryptsetup)")
 
 
 def demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

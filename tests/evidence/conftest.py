@@ -11,18 +11,6 @@ import pytest
 from agent.sim.quote_sim import SimPki, load_or_create_sim_pki
 
 
-def _fuse_usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root for FUSE mounts"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    return ""
-
-
-FUSE_SKIP = _fuse_usable()
-needs_fuse = pytest.mark.skipif(bool(FUSE_SKIP), reason=FUSE_SKIP or "ok")
-
-
 @pytest.fixture(scope="session")
 def sim_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sim-state")
@@ -36,8 +24,6 @@ def sim_pki(sim_state: Path) -> SimPki:
 @pytest.fixture
 def tsm(sim_state: Path, sim_pki: SimPki) -> Iterator[tuple[str, object]]:
     """A mounted configfs-tsm emulator; afterwards asserts no entry was left behind and it unmounted."""
-    if FUSE_SKIP:
-        pytest.skip(FUSE_SKIP)
     from agent.sim.tsm_emulator import mounted_tsm
 
     with mounted_tsm(str(sim_state)) as (mnt, faults):
@@ -49,8 +35,6 @@ def tsm(sim_state: Path, sim_pki: SimPki) -> Iterator[tuple[str, object]]:
 @pytest.fixture
 def measurements() -> Iterator[tuple[str, object]]:
     """A mounted tdx_guest measurements emulator (rtmrN:sha384 files)."""
-    if FUSE_SKIP:
-        pytest.skip(FUSE_SKIP)
     from agent.sim.tsm_mr_emulator import mounted_measurements
 
     with mounted_measurements() as (mnt, state):

@@ -13,9 +13,7 @@ from agent.evidence.base import QuoteSourceError
 from agent.evidence.configfs_tsm import ConfigfsTsmSource, TsmUnavailableError
 from agent.quote import parse_quote, verify_quote
 
-from .conftest import needs_fuse
-
-pytestmark = [needs_fuse, pytest.mark.root]
+pytestmark = [pytest.mark.root]
 
 RD = bytes(range(64))
 

@@ -12,9 +12,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.evidence.rtmr import RtmrError, RtmrExtender, make_rtmr_extender, replay_event_log
 
-from .conftest import needs_fuse
-
-pytestmark = [needs_fuse, pytest.mark.root]
+pytestmark = [pytest.mark.root]
 
 
 def _expected(*events: bytes) -> bytes:
