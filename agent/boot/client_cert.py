@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
+from agent.certs import self_signed
 from agent.evidence.report_data import spki_sha256
 
 
@@ -45,19 +45,8 @@ def make_identity(key_type: str = "ec-p256", lifetime_s: int = 86400) -> ClientI
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         raise ValueError(f"key_type: expected ec-p256 or rsa-2048, got {key_type!r}")
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tdx-vm-{int(time.time())}")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(seconds=lifetime_s))
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed(key, f"tdx-vm-{int(time.time())}", dt.timedelta(seconds=lifetime_s),
+                       [(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
     return ClientIdentity(key, cert)
 
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.evidence.base import EvidenceError, GpuEvidenceSource, QueueFullError
 from agent.evidence.report_data import parse_nonce
+from agent.evidence.tpm import collect_tpm_evidence, resolve_tcti
 from agent.log import get_logger
 from agent.serve.service_cert import ServiceCert
 
@@ -38,15 +37,6 @@ class SourceHealth:
             return 0.0
         now = time.monotonic() if now is None else now
         return now - min(self.in_flight.values())
-
-
-def tpm_collector() -> Callable[[AgentConfig, bytes], dict[str, Any] | None] | None:
-    """``agent.evidence.tpm.collect_tpm_evidence`` when that optional module exists, else None."""
-    try:
-        mod = importlib.import_module("agent.evidence.tpm")
-    except ImportError:
-        return None
-    return getattr(mod, "collect_tpm_evidence", None)
 
 
 class Collector:
@@ -100,8 +90,10 @@ class Collector:
         """The ``/v1/evidence`` document (also what ``chutes-attest evidence --json`` prints)."""
         quote = await self.quote(nonce, caller=caller)
         gpu = await self.gpu_evidence(nonce, gpu_ids)
-        tpm_fn = tpm_collector()
-        tpm = await asyncio.to_thread(tpm_fn, self.cfg, nonce) if tpm_fn is not None else None
+        tpm = None
+        # Only hop to a thread (ESAPI blocks) when a TPM can be there at all: no per-request cost otherwise.
+        if self.cfg.tpm.mode != "off" and resolve_tcti(self.cfg.tpm) is not None:
+            tpm = await asyncio.to_thread(collect_tpm_evidence, self.cfg, nonce)
         return {
             "nonce": nonce.hex(),
             "report_data": self.report_data(nonce).hex(),

@@ -9,7 +9,6 @@ validator computes from the TLS session equals the one in REPORTDATA[32:64].
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import socket
@@ -17,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
+from agent.certs import self_signed
+from agent.evidence.report_data import spki_sha256
 from agent.fsutil import write_atomic
 from agent.log import get_logger
 
@@ -41,18 +41,6 @@ class ServiceCert:
     @property
     def der(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.DER)
-
-
-def spki_hash(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the DER SubjectPublicKeyInfo (never the whole cert)."""
-    try:
-        from agent.evidence.report_data import spki_sha256
-    except ImportError:  # evidence package not installed in a stripped build: same definition
-        spki = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return hashlib.sha256(spki).digest()
-    return spki_sha256(cert)
 
 
 _SKIP_IFACES = ("lo", "docker", "virbr", "veth", "br-", "kube", "cni", "flannel", "cali")
@@ -100,24 +88,14 @@ def generate(cert_path: Path, key_path: Path, hostname: str | None = None) -> No
     loopback and UP interface addresses (minus its external "what is my IP" lookup: no egress here)."""
     hostname = hostname or socket.gethostname()
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attestation-service")])
     dns = dict.fromkeys(["attestation-service", "localhost", hostname])
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns if d]
     ips = dict.fromkeys(["127.0.0.1", "::1", *interface_addresses()])
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed(key, "attestation-service", datetime.timedelta(days=VALIDITY_DAYS), [
+        (x509.SubjectAlternativeName(sans), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+    ])
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(
@@ -147,4 +125,4 @@ def load_or_create(cert_path: str, key_path: str, *, create: bool = True) -> Ser
     ):
         raise ServiceCertError(f"service key {kp} does not match certificate {cp}")
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    return ServiceCert(cert=cert, pem=pem, spki_sha256=spki_hash(cert))
+    return ServiceCert(cert=cert, pem=pem, spki_sha256=spki_sha256(cert))

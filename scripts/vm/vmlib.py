@@ -790,20 +790,9 @@ def run_vm(
     memory_mb: int = 1024,
 ) -> VmResult:
     """Boot the Debian kernel + ``initrd`` under TCG and wait for it to power off (or time out)."""
-    argv = qemu_argv(initrd, disks, console_log, append, memory_mb)
-    t0 = time.monotonic()
-    timed_out = False
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        _, err = proc.communicate()
-    text = console_log.read_text(errors="replace") if console_log.exists() else ""
-    if proc.returncode and not timed_out and err:
-        text += "\n[qemu stderr] " + err.decode(errors="replace")
-    return VmResult(proc.returncode, text, time.monotonic() - t0, timed_out)
+    import asyncio
+
+    return asyncio.run(run_vm_async(initrd, disks, console_log, append, timeout_s, memory_mb))
 
 
 @contextlib.asynccontextmanager

@@ -379,8 +379,8 @@ async def test_malformed_http_is_400(service: Service, payload: bytes) -> None:
     assert payload.split(b"\r\n")[0] not in body  # the raw request line is never echoed
 
 
-async def test_connection_cap(service_factory) -> None:
-    svc = await service_factory(max_connections=2)
+async def hold_two_then_try_third(svc: Service) -> tuple[list, bytes]:
+    """Open two idle connections, then send a request on a third; returns (held, what the third got)."""
     held = [await asyncio.open_unix_connection(sock(svc)) for _ in range(2)]
     await asyncio.sleep(0.05)
     reader, writer = await asyncio.open_unix_connection(sock(svc))
@@ -389,8 +389,14 @@ async def test_connection_cap(service_factory) -> None:
         answer = await asyncio.wait_for(reader.read(100), 10)
     except ConnectionResetError:
         answer = b""
-    assert answer == b""  # closed without an answer
     writer.close()
+    return held, answer
+
+
+async def test_connection_cap(service_factory) -> None:
+    svc = await service_factory(max_connections=2)
+    held, answer = await hold_two_then_try_third(svc)
+    assert answer == b""  # closed without an answer
     for _, w in held:
         w.close()
     await asyncio.sleep(0.05)
@@ -448,16 +454,8 @@ async def test_relay_non_ascii_authorization_is_400(service: Service) -> None:
 
 async def test_per_caller_connection_cap_leaves_room_for_others(service_factory) -> None:
     svc = await service_factory(max_connections=10, max_connections_per_caller=2, socket_mode=0o666)
-    held = [await asyncio.open_unix_connection(sock(svc)) for _ in range(2)]
-    await asyncio.sleep(0.05)
-    reader, writer = await asyncio.open_unix_connection(sock(svc))
-    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-    try:
-        answer = await asyncio.wait_for(reader.read(100), 10)
-    except ConnectionResetError:
-        answer = b""
+    held, answer = await hold_two_then_try_third(svc)
     assert answer == b""  # this caller (uid 0) is at its cap
-    writer.close()
     # Another caller (uid 65534, a real process) still gets in while uid 0 holds its two slots.
     code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
             "s.sendall(b'GET /v1/health HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n');"
