@@ -1,50 +1,77 @@
-"""Shared fixtures: where the real sample data lives."""
+"""Shared fixtures and the three test tiers.
+
+Tiers (README, "Tests"):
+- ``unit``: pure tests; run as any user on any Linux with only the venv (``pytest -m unit``).
+- ``integration``: needs root and real system parts (loop devices, FUSE, cryptsetup, nginx, network
+  namespaces, swtpm); a module opts in with ``pytestmark = pytest.mark.integration``.
+- ``vm``: boots a real kernel + initramfs under qemu; ``pytestmark = pytest.mark.vm``.
+A test without a tier marker is a unit test. Tests never skip: selecting a tier whose prerequisites are
+missing stops the run at once and names what is missing.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-
-def _find_shared() -> Path:
-    """The shared data folder: $CHUTES_ATTEST_SHARED, else ../shared next to the checkout, else /work/shared."""
-    env = os.environ.get("CHUTES_ATTEST_SHARED")
-    candidates = [Path(env)] if env else [REPO.parent / "shared", Path("/work/shared")]
-    for c in candidates:
-        if (c / "testdata").is_dir():
-            return c
-    return candidates[0]
-
-
-SHARED = _find_shared()
-TESTDATA = SHARED / "testdata"
+#: The real sample data, copied into the repository with its provenance (tests/data/*/README.md).
+TESTDATA = REPO / "tests" / "data"
 QUOTES_DIR = TESTDATA / "tdx-quotes"
 GPU_DIR = TESTDATA / "gpu-evidence"
 
+TIERS = ("unit", "integration", "vm")
 
-#: What the suite needs from the machine; scripts/test.sh (as root) installs all of it.
-REQUIRED_COMMANDS = ("cryptsetup", "mkfs.ext4", "ip", "unshare", "nginx", "systemd-analyze", "swtpm", "swtpm_setup",
-                     "qemu-system-x86_64", "mkinitramfs", "mmdebstrap")
+#: Commands each tier needs from the machine; scripts/test.sh (as root) installs all of them.
+INTEGRATION_COMMANDS = ("cryptsetup", "mkfs.ext4", "ip", "unshare", "nginx", "systemd-analyze", "swtpm",
+                        "swtpm_setup", "losetup", "blkid")
+VM_COMMANDS = ("qemu-system-x86_64", "mkinitramfs", "mmdebstrap", "cryptsetup", "mkfs.ext4")
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """No test skips for a missing prerequisite (a skipped test proves nothing): stop with the reason."""
-    import shutil
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: pure test, any user, only the venv")
+    config.addinivalue_line("markers", "integration: needs root + real system parts (loop, FUSE, cryptsetup, "
+                                       "nginx, netns, swtpm)")
+    config.addinivalue_line("markers", "vm: boots a real kernel + initramfs under qemu (slow)")
 
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not root (loop mounts, FUSE, cryptsetup, network namespaces, qemu images)")
-    if not os.path.exists("/dev/fuse"):
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets exactly one tier marker (before ``-m`` deselects), unmarked tests are unit."""
+    for item in items:
+        if item.get_closest_marker("vm") is None and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+def missing_prerequisites(tiers: set[str]) -> list[str]:
+    """What this machine lacks for the given tiers (empty: all present)."""
+    problems: list[str] = []
+    needs_root = tiers & {"integration", "vm"}
+    if needs_root and os.geteuid() != 0:
+        problems.append("not root (loop devices, FUSE, cryptsetup, network namespaces, qemu images)")
+    if "integration" in tiers and not os.path.exists("/dev/fuse"):
         problems.append("no /dev/fuse")
+    commands: list[str] = []
+    if "integration" in tiers:
+        commands += INTEGRATION_COMMANDS
+    if "vm" in tiers:
+        commands += [c for c in VM_COMMANDS if c not in commands]
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    problems += [f"command {c!r} not found" for c in REQUIRED_COMMANDS if shutil.which(c, path=path) is None]
+    problems += [f"command {c!r} not found" for c in commands if shutil.which(c, path=path) is None]
+    return problems
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """No test skips for a missing prerequisite (a skipped test proves nothing): stop with the reason."""
+    selected = {t for item in session.items for t in TIERS if item.get_closest_marker(t) is not None}
+    problems = missing_prerequisites(selected)
     if problems:
-        pytest.exit("test prerequisites missing: " + "; ".join(problems) + " -- run ./scripts/test.sh as root",
+        pytest.exit(f"test prerequisites missing for tier(s) {', '.join(sorted(selected & {'integration', 'vm'}))}: "
+                    + "; ".join(problems) + " -- run ./scripts/test.sh as root, or select `-m unit`",
                     returncode=4)
 
 

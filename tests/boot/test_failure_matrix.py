@@ -16,6 +16,8 @@ from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import Fault, MeasurementSet
 from tests.boot.conftest import BootRig, RecordingCryptsetup, assert_never_unlocked
 
+pytestmark = pytest.mark.integration
+
 
 async def _fail(rig: BootRig, deps=None) -> tuple[str, flow.BootOutcome]:
     deps = deps or rig.deps()

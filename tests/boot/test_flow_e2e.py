@@ -7,10 +7,14 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from agent.boot.cryptsetup import Cryptsetup
 from agent.quote import parse_quote
 from agent.sim.validator import Fault
 from tests.boot.conftest import BootRig
+
+pytestmark = pytest.mark.integration
 
 
 async def test_full_boot_unlocks_and_hands_off(rig: BootRig) -> None:

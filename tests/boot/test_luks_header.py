@@ -96,6 +96,8 @@ def test_short_header() -> None:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 1 << 40) | st.text(max_size=12),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),

@@ -11,6 +11,8 @@ import pytest
 from agent.boot import network
 from agent.sim.luks_image import DEFAULT_NETPLAN
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def netns() -> str:

@@ -13,7 +13,7 @@ from agent.evidence.base import QuoteSourceError
 from agent.evidence.configfs_tsm import ConfigfsTsmSource, TsmUnavailableError
 from agent.quote import parse_quote, verify_quote
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.integration]
 
 RD = bytes(range(64))
 

@@ -71,6 +71,7 @@ def test_parse_nonce_rejects(value, needle) -> None:
     assert isinstance(exc.value, ValueError)
 
 
+@pytest.mark.integration  # runs the openssl command as the initramfs shell does
 def test_spki_sha256_matches_openssl_in_every_input_form(cert) -> None:
     pem = cert.public_bytes(serialization.Encoding.PEM)
     der = cert.public_bytes(serialization.Encoding.DER)
@@ -91,6 +92,7 @@ def test_spki_sha256_rejects_garbage(bad) -> None:
         spki_sha256(bad)
 
 
+@pytest.mark.integration  # runs the openssl command as the initramfs shell does
 def test_build_report_data_layout(cert) -> None:
     pem = cert.public_bytes(serialization.Encoding.PEM)
     rd = build_report_data(NONCE_HEX, pem)

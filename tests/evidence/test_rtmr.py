@@ -12,7 +12,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.evidence.rtmr import RtmrError, RtmrExtender, make_rtmr_extender, replay_event_log
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.integration]
 
 
 def _expected(*events: bytes) -> bytes:

@@ -452,6 +452,7 @@ async def test_relay_non_ascii_authorization_is_400(service: Service) -> None:
     assert b'"bad_token"' in data
 
 
+@pytest.mark.integration  # relies on the caller being uid 0 with socket_mode 0o666
 async def test_per_caller_connection_cap_leaves_room_for_others(service_factory) -> None:
     svc = await service_factory(max_connections=10, max_connections_per_caller=2, socket_mode=0o666)
     held, answer = await hold_two_then_try_third(svc)

@@ -10,10 +10,14 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from agent.log import message_id
 from tests.serve.helpers import make_cfg
 from tests.serve.proc import NotifyListener, spawn, stop
 from tests.serve.test_systemd import get, http
+
+pytestmark = pytest.mark.integration
 
 NS_PREFIX = ["unshare", "-m", "--propagation", "private", "sh", "-c",
              'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && '

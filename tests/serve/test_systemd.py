@@ -16,6 +16,8 @@ import pytest
 from tests.serve.helpers import REPO, make_cfg
 from tests.serve.proc import NotifyListener, listening_socket, spawn, stop
 
+pytestmark = pytest.mark.integration
+
 
 def http(path: str, request: bytes, timeout: float = 20.0) -> bytes:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -12,6 +12,8 @@ from agent.evidence import tpm
 from agent.evidence.tpm import TpmError, collect_tpm_evidence
 from agent.evidence.tpm_verify import verify_tpm_evidence
 
+pytestmark = pytest.mark.integration
+
 RESTRICTED = 0x81000123
 UNRESTRICTED = 0x81000124
 

@@ -21,6 +21,8 @@ from agent.evidence.tpm_verify import parse_attest, verify_tpm_evidence
 from agent.sim.swtpm import Swtpm, free_port_pair
 from tests.tpm.conftest import extend
 
+pytestmark = pytest.mark.integration
+
 DEFAULT_PCRS = {"0", "1", "2", "3", "4", "5", "6", "7", "14"}
 
 

@@ -9,10 +9,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from agent.evidence.tpm_verify import verify_tpm_evidence
 from agent.serve.server import Service
 from agent.sim.swtpm import Swtpm
 from tests.serve.helpers import make_cfg, toml_for, unix_client
+
+pytestmark = pytest.mark.integration
 
 
 async def test_v1_evidence_carries_tpm_evidence_that_self_checks(swtpm: Swtpm, tmp_path: Path) -> None:

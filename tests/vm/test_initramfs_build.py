@@ -14,6 +14,8 @@ from .conftest import REPO, vmlib
 sys.path.insert(0, str(REPO / "initramfs"))
 import elf_closure
 
+pytestmark = pytest.mark.integration
+
 
 def _cc() -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
