@@ -52,6 +52,9 @@ class QuoteConfig:
     simulated_state_dir: str = "/var/lib/chutes-attest/sim"
     queue_max: int = 64
     deadline_s: float = 30.0
+    #: Serve v5 quotes on the compat socket. Off: the validator reads v4 offsets only, so a v5 quote is
+    #: refused there (503 naming the version and this key) instead of failing at the validator.
+    allow_v5: bool = False
 
 
 @dataclass
@@ -61,6 +64,10 @@ class RtmrConfig:
     enabled: bool = False
     sysfs_path: str = "/sys/class/misc/tdx_guest/measurements/rtmr3:sha384"
     event_log: str = "/run/chutes-attest/rtmr3-events.jsonl"
+    #: ≤1.2 images only: ``serve`` extends RTMR3 once with the fixed runtime event
+    #: (agent.evidence.rtmr3_runtime) before answering any quote request, so runtime quotes cannot be
+    #: replayed as boot quotes. Off by default: those images' registered runtime RTMR3 is zero.
+    runtime_event: bool = False
 
 
 @dataclass
@@ -85,9 +92,24 @@ class GpuConfig:
 class BootConfig:
     """The initramfs unlock flow."""
 
-    validator_url: str = "https://api.chutes.ai"
-    #: CA bundle for the validator's server certificate; empty = system default.
-    ca_bundle: str = ""
+    #: Legacy single-host setting (baseline images, tests): when set, every call goes to this URL.
+    validator_url: str = ""
+    #: The validator's mTLS front (boot nonce/attestation, provision, confirm on 1.4.0).
+    tdx_base_url: str = "https://cvm.chutes.ai"
+    #: The validator's public API (1.3.x nonce and luks/confirm, signing keys).
+    validator_base_url: str = "https://api.chutes.ai"
+    #: "auto" (steps chosen by the validator's answer), or pin one generation: "1.2", "1.3", "1.4".
+    protocol: str = "auto"
+    #: CA bundle (baked into the initramfs) for the validator's server certificate; the only trust source.
+    ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    #: SHA-256 hex of acceptable CA/intermediate SPKIs; non-empty = the verified chain must contain one.
+    tls_pin_spki: list[str] = field(default_factory=list)
+    #: Byte offset of the data segment the images are made with (LUKS2 default header area: 16 MiB).
+    luks_data_offset: int = 16777216
+    #: Accept a v5 quote from the quote source (the Chutes validator reads v4 offsets only).
+    allow_quote_v5: bool = False
+    #: ≤1.2: use the removed GET/PUT /servers/{vm}/luks cache-key calls instead of POST /servers/{vm}/luks.
+    legacy_cache_endpoints: bool = False
     config_label: str = "tdx-config"
     config_mount: str = "/run/tdx-config"
     #: "static" (netplan subset from the config volume) or "initramfs" (ip=/DHCP done by initramfs-tools).
@@ -120,6 +142,9 @@ class BootConfig:
     format_pbkdf: str = "argon2id"
     format_pbkdf_iterations: int = 0
     kmsg_path: str = "/dev/kmsg"
+    #: RTMR3 rootfs chain (≥1.3): measured path list and expected-hash manifest, both in the initramfs.
+    measure_conf: str = "/etc/tdx-measure.conf"
+    rtmr3_manifest: str = "/etc/tdx-rtmr3-expected-hashes"
     resolv_conf: str = "/etc/resolv.conf"
 
 
@@ -133,6 +158,12 @@ class ServeConfig:
     socket_group: str = ""
     cert_path: str = "/etc/attestation-service/certs/server.crt"
     key_path: str = "/etc/attestation-service/certs/server.key"
+    #: 1.4.0+ boot hand-off: the CA-signed proxy leaf and the per-boot VM root CA. When the leaf exists it
+    #: is the service identity (chain, key pair and key mode checked at start); cert_path/key_path and
+    #: the self-signed pair are then never used.
+    handoff_cert_path: str = "/run/chutes/proxy-tls/server.crt"
+    handoff_key_path: str = "/run/chutes/proxy-tls/server.key"
+    vm_root_ca_path: str = "/run/chutes/vm-root-ca/ca.crt"
     rint_nonce_ttl_s: float = 300.0
     rint_nonces_per_caller: int = 1024
     evidence_rate_per_s: float = 2.0
@@ -159,6 +190,15 @@ class ServeConfig:
 
 
 @dataclass
+class RintConfig:
+    """Runtime-integrity commitment checks on the chute socket."""
+
+    #: v4 embedded nonce: "validator" (format + Ed25519 signature only, as the validator checks; the answer
+    #: says nonce_bound) or "exact" (the nonce must equal the issued one).
+    v4_nonce: str = "validator"
+
+
+@dataclass
 class TpmConfig:
     """Optional vTPM evidence."""
 
@@ -181,6 +221,7 @@ class AgentConfig:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    rint: RintConfig = field(default_factory=RintConfig)
     tpm: TpmConfig = field(default_factory=TpmConfig)
 
 
@@ -189,9 +230,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("auto", "console", "json", "journald"),
     "quote.source": ("configfs", "simulated"),
     "boot.network": ("static", "initramfs"),
+    "boot.protocol": ("auto", "1.2", "1.3", "1.4"),
     "boot.unlock_action": ("open", "test-passphrase"),
     "boot.format_pbkdf": ("argon2id", "argon2i", "pbkdf2"),
     "tpm.mode": ("auto", "off"),
+    "rint.v4_nonce": ("validator", "exact"),
     "tpm.bank": ("sha1", "sha256", "sha384", "sha512"),
 }
 
@@ -300,8 +343,16 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"quote.retries: must be >= 0, got {cfg.quote.retries}")
     if not 0 <= cfg.serve.socket_mode <= 0o777:
         raise ConfigError(f"serve.socket_mode: must be a file mode (0..0o777), got {cfg.serve.socket_mode!r}")
-    if not cfg.boot.validator_url.startswith(("https://", "http://")):
-        raise ConfigError(f"boot.validator_url: must be an http(s) URL, got {cfg.boot.validator_url!r}")
+    for key in ("validator_url", "tdx_base_url", "validator_base_url"):
+        url = getattr(cfg.boot, key)
+        if (url or key != "validator_url") and not url.startswith(("https://", "http://")):
+            raise ConfigError(f"boot.{key}: must be an http(s) URL, got {url!r}")
+    for pin in cfg.boot.tls_pin_spki:
+        if not isinstance(pin, str) or len(pin) != 64 or any(c not in "0123456789abcdefABCDEF" for c in pin):
+            raise ConfigError(f"boot.tls_pin_spki: {pin!r} is not 64 hex characters (SHA-256 of an SPKI)")
+    if cfg.boot.luks_data_offset < 8192 or cfg.boot.luks_data_offset % 4096:
+        raise ConfigError(f"boot.luks_data_offset: must be a multiple of 4096 of at least 8192, "
+                          f"got {cfg.boot.luks_data_offset!r}")
     for pcr in cfg.tpm.pcrs:
         if not 0 <= pcr <= 23:
             raise ConfigError(f"tpm.pcrs: must be PCR indexes 0..23, got {pcr}")

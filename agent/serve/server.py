@@ -135,6 +135,10 @@ class Service:
         cfg = self.cfg
         self.notifier.status("starting: loading service certificate")
         cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path)
+        if cfg.rtmr.runtime_event:  # ≤1.2 images: before any quote, so no runtime quote passes as a boot one
+            from agent.evidence.rtmr3_runtime import apply_runtime_event
+
+            await asyncio.to_thread(apply_runtime_event, cfg.rtmr.sysfs_path, cfg.rtmr.event_log)
         source = make_quote_source(cfg)
         self._queue = QuoteQueue(source, max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)
         gpu = make_gpu_source(cfg)
