@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("doctor", "check this VM's attestation prerequisites"),
     "demo": ("demo", "full simulated boot + service on this machine"),
     "config": ("config_cmd", "show the effective configuration"),
+    "measure": ("measure", "RTMR2/RTMR1 values TDX firmware measures for a kernel, initrd and cmdline"),
 }
 
 #: Commands whose configuration ignores CHUTES_ATTEST_* environment variables (except logging).
