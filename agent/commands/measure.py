@@ -49,6 +49,7 @@ from pathlib import Path
 
 from agent.cli import EXIT_BAD_INPUT, EXIT_OK, add_json_flag
 from agent.config import AgentConfig
+from agent.errors import BadInputError
 
 ZERO_MR = bytes(48)
 INITRD_ARG = {"prepend": "initrd=initrd {}", "append": "{} initrd=initrd", "none": "{}"}
@@ -61,8 +62,10 @@ RTMR1_FIXED_EVENTS = (
 _CHUNK = 1 << 20
 
 
-class MeasureError(ValueError):
-    """An input that cannot be measured (unreadable file, not a PE image, bad command line)."""
+class MeasureError(BadInputError, ValueError):
+    """An input that cannot be measured (unreadable file, not a PE image, bad command line): exit 4."""
+
+    reason = "measure_input"
 
 
 @dataclass(frozen=True)
