@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("doctor", "check this VM's attestation prerequisites"),
     "demo": ("demo", "full simulated boot + service on this machine"),
     "config": ("config_cmd", "show the effective configuration"),
+    "rtmr3": ("rtmr3", "predict the RTMR3 rootfs measurement of an image root"),
     "measure": ("measure", "RTMR2/RTMR1 values TDX firmware measures for a kernel, initrd and cmdline"),
 }
 

@@ -47,6 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from agent.errors import VerificationError
 from agent.evidence.base import EvidenceError
 from agent.log import get_logger
 
@@ -64,14 +65,16 @@ MAX_MANIFEST_BYTES = 64 << 20
 _MAX_SYMLINK_HOPS = 40
 
 
-class RootfsMeasureError(EvidenceError):
+class RootfsMeasureError(EvidenceError, VerificationError):
     """The rootfs chain could not be measured or verified; ``str()`` starts with ``RTMR3-MEASURE-FAILED:``."""
 
-    def __init__(self, reason: str, path: bytes | None = None) -> None:
-        self.reason = reason
-        self.path = path
+    reason = "rtmr3_measure_failed"
+
+    def __init__(self, detail: str, path: bytes | None = None) -> None:
+        self.detail = detail
+        self.path = path  # root-relative file name, when one file is to blame
         where = f"{show_path(path)}: " if path is not None else ""
-        super().__init__(f"{MARKER} {where}{reason}")
+        super().__init__(f"{MARKER} {where}{detail}")
 
 
 @dataclass(frozen=True)

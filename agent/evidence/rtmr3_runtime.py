@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from agent.errors import UnavailableError
 from agent.evidence.base import EvidenceError
 from agent.evidence.rtmr import ZERO, RtmrError, RtmrExtender, replay_event_log
 from agent.log import get_logger
@@ -33,8 +34,10 @@ RUNTIME_DIGEST = hashlib.sha384(RUNTIME_EVENT_DATA).digest()
 RUNTIME_RTMR3 = hashlib.sha384(ZERO + RUNTIME_DIGEST).digest()
 
 
-class RuntimeEventError(EvidenceError):
+class RuntimeEventError(EvidenceError, UnavailableError):
     """The runtime event could not be applied; the service must not answer quote requests."""
+
+    reason = "rtmr3_runtime_event_failed"
 
 
 def _logged(event_log: str) -> bool:
