@@ -6,8 +6,12 @@ Commitment layouts (chutes-protocol.md §7.1, §7.2):
   SHA-256(version ‖ pubkey ‖ nonce ‖ lib_fp); nonce = SHA-256("rint-nonce-v3" ‖ lib_fp ‖ issued nonce as
   32 ASCII hex)[:16].
 - v4, 146 bytes: ``04 04`` ‖ Ed25519 pubkey (32) ‖ nonce (16) ‖ lib_proof (32) ‖ Ed25519 signature (64) over
-  version ‖ pubkey ‖ nonce ‖ lib_proof (signed directly); the embedded nonce must equal the issued nonce's
-  16 bytes (stricter than the public validator, which does not compare it).
+  version ‖ pubkey ‖ nonce ‖ lib_proof (signed directly). The public validator checks format and signature
+  only and never compares the embedded nonce; so does the default here (``rint.v4_nonce = "validator"``,
+  the answer says ``nonce_bound``), while ``"exact"`` requires it to equal the issued nonce's 16 bytes.
+  Before OpenSSL sees a v4 signature, the key and the signature must be canonical (y < p, S < L) and
+  neither the key nor R may be one of the 8 small-order points: the identity key with R = identity and
+  S = 0 "verifies" any message.
 
 Nonces are one-time, scoped to the caller that asked for them, and consumed by a single synchronous
 ``dict.pop`` on the event loop: of any number of concurrent verifies, exactly one sees the nonce.
@@ -34,6 +38,79 @@ V3_LEN = 162
 V4_LEN = 146
 V3_NONCE_TAG = b"rint-nonce-v3"
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+#: Ed25519 field prime and group order (RFC 8032 §5.1).
+_ED_P = 2**255 - 19
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+V4_NONCE_MODES = ("validator", "exact")
+
+
+def _ed25519_small_order_encodings() -> frozenset[bytes]:
+    """Every 32-byte encoding of the 8 small-order points (the curve's 8-torsion), canonical or not.
+
+    The points: identity (0, 1); (0, -1) of order 2; (±sqrt(-1), 0) of order 4; and the four of order 8,
+    whose y satisfies y² = (-1 ± sqrt(1 + d)) / d (from 2P = (±sqrt(-1), 0)). Each is listed with its
+    sign bit, with the "negative zero" sign bit where x = 0, and with y + p where that still fits in
+    255 bits. A blocklist of constants derived at import, not a curve implementation.
+    """
+    p = _ED_P
+    d = (-121665 * pow(121666, -1, p)) % p
+    sqrt_m1 = pow(2, (p - 1) // 4, p)
+
+    def sqrt(a: int) -> int | None:
+        r = pow(a, (p + 3) // 8, p)
+        if r * r % p != a % p:
+            r = r * sqrt_m1 % p
+        return r if r * r % p == a % p else None
+
+    points: set[tuple[int, int]] = {(0, 1), (0, p - 1), (sqrt_m1, 0), (p - sqrt_m1, 0)}
+    root = sqrt((1 + d) % p)
+    assert root is not None
+    for s in (root, p - root):
+        y2 = (-1 + s) * pow(d, -1, p) % p
+        y = sqrt(y2)
+        if y is None:
+            continue
+        for yy in (y, p - y):
+            x = sqrt((yy * yy - 1) * pow(d * yy * yy + 1, -1, p) % p)
+            assert x is not None
+            points |= {(x, yy), ((p - x) % p, yy)}
+    assert len(points) == 8
+    out: set[bytes] = set()
+    for x, y in points:
+        for y_enc in (y, y + p):
+            if y_enc >= 2**255:
+                continue
+            signs = (0, 1) if x == 0 else (x & 1,)
+            out |= {(y_enc | (sign << 255)).to_bytes(32, "little") for sign in signs}
+    return frozenset(out)
+
+
+ED25519_SMALL_ORDER = _ed25519_small_order_encodings()
+
+
+def ed25519_point_problem(enc: bytes) -> str | None:
+    """"non_canonical" (y >= p, or x = 0 with the sign bit set), "small_order", or None."""
+    y = int.from_bytes(enc, "little") & ((1 << 255) - 1)
+    if y >= _ED_P or (enc[31] & 0x80 and y in (1, _ED_P - 1)):
+        return "non_canonical"
+    if enc in ED25519_SMALL_ORDER:
+        return "small_order"
+    return None
+
+
+def ed25519_strict_problem(pubkey: bytes, signature: bytes) -> str | None:
+    """The reason a v4 key/signature pair is refused before verification, or None (RFC 8032 §5.1.7 plus
+    the small-order rules libsodium applies): ``non_canonical_pubkey``, ``small_order_pubkey``,
+    ``non_canonical_signature`` (R not canonical or S >= L), ``small_order_signature`` (R small order)."""
+    problem = ed25519_point_problem(pubkey)
+    if problem:
+        return f"{problem}_pubkey"
+    r_problem = ed25519_point_problem(signature[:32])
+    if r_problem == "non_canonical" or int.from_bytes(signature[32:], "little") >= _ED_L:
+        return "non_canonical_signature"
+    if r_problem == "small_order":
+        return "small_order_signature"
+    return None
 
 
 class CommitmentFormatError(ValueError):
@@ -98,7 +175,9 @@ def expected_nonce(version: int, issued_hex: str, proof: bytes) -> bytes:
 
 
 def check_signature(c: Commitment) -> bool:
-    """True when the commitment's signature verifies under its own embedded key."""
+    """True when the commitment's signature verifies under its own embedded key (v4: strict keys only)."""
+    if c.version == 4 and ed25519_strict_problem(c.pubkey, c.signature):
+        return False
     try:
         if c.version == 3:
             r = int.from_bytes(c.signature[:32], "big")
@@ -120,25 +199,41 @@ class VerifyResult:
     valid: bool
     reason: str
     commitment: Commitment | None = None
+    #: Whether the embedded nonce is the one derived from the issued nonce (None: not parsed).
+    nonce_bound: bool | None = None
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"valid": self.valid, "reason": self.reason}
+        if self.nonce_bound is not None:
+            out["nonce_bound"] = self.nonce_bound
         if self.commitment is not None:
             out["commitment"] = self.commitment.fields()
         return out
 
 
-def verify_commitment(commitment_hex: str, issued_hex: str) -> VerifyResult:
-    """Check a commitment against an issued nonce that the caller has already consumed."""
+def verify_commitment(commitment_hex: str, issued_hex: str, *, v4_nonce: str = "validator") -> VerifyResult:
+    """Check a commitment against an issued nonce that the caller has already consumed.
+
+    v3 always requires the derived nonce. v4 follows ``v4_nonce``: "validator" checks format and
+    signature only (a commitment whose nonce is derived differently stays valid, with
+    ``nonce_bound: false``); "exact" refuses it as ``nonce_mismatch``.
+    """
+    if v4_nonce not in V4_NONCE_MODES:
+        raise ValueError(f"v4_nonce: expected one of {', '.join(V4_NONCE_MODES)}, got {v4_nonce!r}")
     try:
         c = parse_commitment(commitment_hex)
     except CommitmentFormatError as exc:
         return VerifyResult(False, exc.reason)
-    if not secrets.compare_digest(c.nonce, expected_nonce(c.version, issued_hex, c.proof)):
-        return VerifyResult(False, "nonce_mismatch", c)
+    bound = secrets.compare_digest(c.nonce, expected_nonce(c.version, issued_hex, c.proof))
+    if not bound and (c.version == 3 or v4_nonce == "exact"):
+        return VerifyResult(False, "nonce_mismatch", c, nonce_bound=False)
+    if c.version == 4:
+        problem = ed25519_strict_problem(c.pubkey, c.signature)
+        if problem:
+            return VerifyResult(False, problem, c, nonce_bound=bound)
     if not check_signature(c):
-        return VerifyResult(False, "bad_signature", c)
-    return VerifyResult(True, "ok", c)
+        return VerifyResult(False, "bad_signature", c, nonce_bound=bound)
+    return VerifyResult(True, "ok", c, nonce_bound=bound)
 
 
 def iso_utc(epoch: float) -> str:

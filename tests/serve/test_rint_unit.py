@@ -50,7 +50,8 @@ def test_every_signed_byte_matters(builder) -> None:
     for i in range(2, n):
         res = rint.verify_commitment(flip(text, i), issued)
         assert not res.valid, i
-        assert res.reason in ("bad_signature", "nonce_mismatch"), (i, res.reason)
+        # a flipped top bit of S can push it past L: refused as non-canonical before OpenSSL sees it
+        assert res.reason in ("bad_signature", "nonce_mismatch", "non_canonical_signature"), (i, res.reason)
 
 
 def test_v3_high_s_and_zero_signature_rejected() -> None:
