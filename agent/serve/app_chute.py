@@ -115,7 +115,7 @@ async def rint_verify(request: web.Request) -> web.Response:
     outcome = ctx.nonces.consume(nonce.lower(), peer_of(request).scope)
     if outcome != "ok":
         return json_response({"valid": False, "reason": outcome})
-    return json_response(rint.verify_commitment(commitment, nonce.lower()).as_json())
+    return json_response(rint.verify_commitment(commitment, nonce.lower(), v4_nonce=ctx.cfg.rint.v4_nonce).as_json())
 
 
 async def rint_validator_nonce(request: web.Request) -> web.Response:

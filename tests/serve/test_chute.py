@@ -167,7 +167,8 @@ async def test_rint_forged_signature(service: Service, builder) -> None:
 
 
 @pytest.mark.parametrize("builder", [v3_commitment, v4_commitment])
-async def test_rint_wrong_nonce(service: Service, builder) -> None:
+async def test_rint_wrong_nonce(service_factory, builder) -> None:
+    service = await service_factory(rint__v4_nonce="exact")  # v3 always; v4 only in exact mode
     async with unix_client(sock(service)) as c:
         n = await new_nonce(c)
         other = secrets.token_hex(16)
@@ -175,7 +176,8 @@ async def test_rint_wrong_nonce(service: Service, builder) -> None:
         assert res["valid"] is False and res["reason"] == "nonce_mismatch"
 
 
-async def test_rint_v4_embedded_nonce_must_equal_issued(service: Service) -> None:
+async def test_rint_v4_embedded_nonce_must_equal_issued(service_factory) -> None:
+    service = await service_factory(rint__v4_nonce="exact")  # default "validator": tests/serve/test_rint_socket.py
     async with unix_client(sock(service)) as c:
         n = await new_nonce(c)
         # v3-style derived nonce inside a v4 commitment is refused: v4 embeds the issued bytes themselves
