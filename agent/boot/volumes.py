@@ -71,11 +71,14 @@ class CacheResult:
 
 async def setup_cache_volume(
     cs: Cryptsetup, *, device: str, label: str, wait_s: float, mapper: str, header_dir: str, action: str,
-    fetch_key: Callable[[str], Awaitable[Secret]], pbkdf: str, iterations: int,
+    fetch_key: Callable[[str], Awaitable[Secret]], pbkdf: str, iterations: int, mkfs: str = "mkfs.ext4",
 ) -> CacheResult:
-    """Unlock the containerd cache volume, formatting it on first boot.
+    """Unlock a ≤1.2 data volume (the containerd cache; 0.2.0-1.2 also ``storage``/``tdx-cache``),
+    formatting it on first use.
 
-    ``fetch_key("GET")`` returns the existing passphrase, ``fetch_key("PUT")`` a new one (first boot).
+    ``fetch_key("GET")`` must return the existing passphrase, ``fetch_key("PUT")`` a new one (first use).
+    Which HTTP call backs it is the flow's business: the removed ``GET``/``PUT /servers/{vm}/luks`` or
+    ``POST /servers/{vm}/luks`` with the boot token (``"PUT"`` = ask for this volume in ``rekey``).
     """
     dev = blockdev.resolve(device, label, wait_s)
     if dev is None:
@@ -94,11 +97,11 @@ async def setup_cache_volume(
     finally:
         key.wipe()
     if action == "open":
-        _mkfs(f"/dev/mapper/{mapper}", label)
+        _mkfs(mkfs, f"/dev/mapper/{mapper}", label)
     return CacheResult(dev, True, summary)
 
 
-def _mkfs(path: str, label: str) -> None:
-    proc = subprocess.run(["mkfs.ext4", "-q", "-L", label, path], capture_output=True, text=True, check=False)
+def _mkfs(tool: str, path: str, label: str) -> None:
+    proc = subprocess.run([tool, "-L", label, path], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise CryptsetupError("mkfs.ext4", proc.returncode, proc.stderr)
+        raise CryptsetupError(os.path.basename(tool), proc.returncode, proc.stderr)

@@ -44,8 +44,12 @@ def random_hotkey() -> str:
 
 
 def make_luks_image(path: str, passphrase: Secret, *, size_mb: int = 20, label: str = "",
-                    cryptsetup: str = "cryptsetup", iterations: int = FAST_PBKDF_ITERATIONS) -> None:
-    """A LUKS2 image (AES-XTS-512, fast PBKDF2 for tests); the passphrase goes in on stdin."""
+                    cryptsetup: str = "cryptsetup", iterations: int = FAST_PBKDF_ITERATIONS,
+                    first_boot_version: str | None = None) -> None:
+    """A LUKS2 image (AES-XTS-512, fast PBKDF2 for tests); the passphrase goes in on stdin.
+
+    ``first_boot_version`` (e.g. ``"1.4.0"``) also adds the first-boot token 15, as a 1.4.0 image build does.
+    """
     with open(path, "wb") as fh:
         fh.truncate(size_mb * 1024 * 1024)
     args = [cryptsetup, "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
@@ -60,6 +64,22 @@ def make_luks_image(path: str, passphrase: Secret, *, size_mb: int = 20, label: 
     _, err = proc.communicate(timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"luksFormat {path}: {err.decode(errors='replace').strip()}")
+    if first_boot_version is not None:
+        add_first_boot_token(path, first_boot_version, cryptsetup=cryptsetup)
+
+
+def first_boot_token_json(version: str) -> bytes:
+    """Token 15 exactly as the sek8s image build writes it (luks_encrypt.yml)."""
+    return json.dumps({"type": "chutes-first-boot", "keyslots": [], "version": version},
+                      separators=(",", ":")).encode()
+
+
+def add_first_boot_token(path: str, version: str = "1.4.0", *, cryptsetup: str = "cryptsetup") -> None:
+    """``cryptsetup token import --token-id 15`` with the first-boot JSON on stdin."""
+    proc = subprocess.run([cryptsetup, "token", "import", "--token-id", "15", path],
+                          input=first_boot_token_json(version), capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"token import {path}: {proc.stderr.decode(errors='replace').strip()}")
 
 
 def _rewrite_header(buf: bytearray, off: int, hdr_size: int, meta_json: bytes) -> None:

@@ -1,0 +1,442 @@
+"""Storage volumes of the newer generations: ``storage`` and ``tdx-cache`` (reference §4.2 steps 5-6,
+§4.3 steps 8-9, §5).
+
+The boot flow (its owner does the HTTP) fetches ``{"volumes": {label: {"current", "next"}},
+"confirm_nonce", "k3s_encryption_key"}`` from ``/luks/attest`` (1.3.x) or ``/provision`` (1.4.0) and
+hands the keys here. Per volume, in order:
+
+1. **Find** the device: an explicit path (tests, images), else ``blkid`` ``LABEL=<label>``, else a
+   block device that ``isLuks`` and whose LUKS2 label is ``<label>``. None → ``STORAGE-SETUP-FAILED``.
+2. **Key**: ``current``; when ``current`` is null, ``next`` is the key and there is no rotation.
+3. **LUKS** → header policy on a private copy, open (or ``--test-passphrase``) as ``<label>``.
+   **Not LUKS** (first use) → ``wipefs -a``, zero 10 MiB, ``luksFormat --type luks2 --label <label>``,
+   open, ``mkfs.xfs -L <label>`` (only when really opened), ``rotated = true``. (sek8s also runs
+   ``cryptsetup erase`` here; after the zeroing there is no LUKS header left for it to erase, so it is
+   not run.) ``isLuks`` errors other than "not LUKS" fail: they must never lead to a re-format.
+4. ``storage`` only, only with a real mapping: mount it, delete ``rancher-config/k3s.yaml``; if the
+   file survives, extend RTMR3 with its SHA-384 and fail.
+5. **Rotation** (only with ``next`` and a confirm nonce): 1.4.0 records the keyslots in use, then
+   ``luksAddKey next``; a failure is not fatal (``rotated = false``). 1.3.x the same without the slot list.
+
+Then the confirm body ``{"volumes": {label: {"rotated": b}}}`` goes to the validator (callback), and
+:func:`finalize` cleans up the slots: 1.4.0 confirm 200 → ``luksKillSlot`` every recorded slot with
+``next`` (fatal), refused → ``luksRemoveKey next`` (fatal); 1.3.x 200 → ``luksRemoveKey current``,
+refused → ``luksRemoveKey next``, both non-fatal. No answer at all (the callback raised): the outcome at
+the validator is unknown, so both keyslots stay — whichever key it now holds opens the volume — and
+1.4.0 fails closed (1.3.x carries on, as its failures are non-fatal). Any volume that had ``next``
+added keeps both keys until finalize, so a failure anywhere in between leaves every volume openable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.boot import blockdev
+from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
+from agent.boot.luks_header import HeaderSummary, LuksHeaderError
+from agent.boot.volumes import unlock_validated
+from agent.fsutil import write_atomic
+from agent.log import Secret, get_logger
+
+log = get_logger(__name__)
+
+MARKER = "STORAGE-SETUP-FAILED"
+K3S_MARKER = "K3S-ENCRYPTION-KEY-MISSING"
+GENERATIONS = ("1.3", "1.4")
+DEFAULT_LABELS = ("storage", "tdx-cache")
+KUBECONFIG_SUBPATH = "rancher-config/k3s.yaml"
+
+ConfirmFn = Callable[[dict[str, object]], Awaitable[bool]]
+ExtendFn = Callable[[bytes], None]
+
+
+class StorageError(Exception):
+    """A storage volume cannot be set up safely: fail closed with ``marker`` (default
+    ``STORAGE-SETUP-FAILED``). ``str()`` is the reason; :meth:`line` the console/kmsg line."""
+
+    def __init__(self, reason: str, volume: str | None = None, marker: str = MARKER) -> None:
+        super().__init__(f"{volume}: {reason}" if volume else reason)
+        self.volume = volume
+        self.marker = marker
+
+    def line(self) -> str:
+        return f"{self.marker}: " + " ".join(str(self).split())
+
+
+@dataclass
+class VolumeKeys:
+    """One volume's entry of the validator's answer. The caller owns and wipes the secrets."""
+
+    current: Secret | None
+    next: Secret | None
+
+
+@dataclass
+class StorageSettings:
+    """Where and how (from ``boot.*`` config; tests name image files in ``devices``)."""
+
+    labels: Sequence[str] = DEFAULT_LABELS
+    #: Explicit device or image file per label; a label not listed is found by label.
+    devices: Mapping[str, str] = field(default_factory=dict)
+    #: "open" (map the volume, mkfs on first use, kubeconfig purge) or "test-passphrase".
+    action: str = "open"
+    header_dir: str = "/run/chutes-attest/luks"
+    wait_s: float = 10.0
+    kdf: Kdf = field(default_factory=Kdf)
+    generation: str = "1.4"
+    mkfs: str = "mkfs.xfs"
+    fstype: str = "xfs"
+    kubeconfig_volume: str = "storage"
+    purge_mount: str = "/run/storage-kubeconfig-purge"
+    #: Devices for the LUKS-label fallback scan (default: ``blkid -o device``).
+    scan: Callable[[], list[str]] = blockdev.list_devices
+
+
+@dataclass
+class VolumeState:
+    """One volume after :func:`prepare_volume` (and :func:`finalize`)."""
+
+    label: str
+    device: str
+    mapper: str
+    formatted: bool
+    key: Secret
+    next: Secret | None
+    header: HeaderSummary | None = None
+    old_slots: list[int] = field(default_factory=list)
+    next_added: bool = False
+    kubeconfig: str = "skipped"
+    #: After finalize: rotated | reverted | unchanged | kept-both | formatted
+    outcome: str = ""
+
+    @property
+    def rotated(self) -> bool:
+        """What the confirm body says: the validator must keep the key the volume now needs."""
+        return self.formatted or self.next_added
+
+
+@dataclass
+class StorageResult:
+    volumes: list[VolumeState]
+    confirm_body: dict[str, object]
+    #: True 200, False refused, None no confirm sent (no nonce) — an unanswered confirm raises.
+    confirmed: bool | None
+
+
+# -- discovery ------------------------------------------------------------------------------------
+
+def discover(cs: Cryptsetup, label: str, settings: StorageSettings) -> str | None:
+    """The explicit device if configured (None when missing), else by filesystem/LUKS label, else by
+    scanning block devices for a LUKS2 header whose label is ``label`` (sek8s ``detect_*_device``)."""
+    explicit = settings.devices.get(label, "")
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    dev = blockdev.find_by_label(label, settings.wait_s)
+    if dev is not None:
+        if not blockdev.is_block_device(dev):
+            raise StorageError(f"{dev} (label {label!r}) is not a block device", label)
+        return dev
+    for cand in settings.scan():
+        if not blockdev.is_block_device(cand):
+            continue
+        try:
+            if cs.is_luks(cand) and cs.label(cand) == label:
+                return cand
+        except CryptsetupError as exc:
+            log.warning("boot.storage_scan_skip", device=cand, error=str(exc))
+    return None
+
+
+# -- one volume -----------------------------------------------------------------------------------
+
+def prepare_volume(cs: Cryptsetup, label: str, keys: VolumeKeys, settings: StorageSettings, *,
+                   rotate: bool, extend_rtmr3: ExtendFn | None = None) -> VolumeState:
+    """Find, open or first-use format, purge (storage), and add ``next`` (steps 1-5 above)."""
+    dev = discover(cs, label, settings)
+    if dev is None:
+        raise StorageError(f"no device labelled {label!r}", label)
+    key = keys.current if keys.current is not None else keys.next
+    nxt = keys.next if keys.current is not None else None
+    if key is None or not len(key):
+        raise StorageError("the validator sent no passphrase", label)
+    mapper = label
+    try:
+        luks = cs.is_luks(dev)
+    except CryptsetupError as exc:
+        raise StorageError(f"cannot tell whether {dev} is LUKS ({exc})", label) from None
+    st = VolumeState(label, dev, mapper, formatted=not luks, key=key, next=nxt)
+    try:
+        if luks:
+            st.header = unlock_validated(cs, dev, mapper, key, settings.header_dir, settings.action)
+        else:
+            _first_use_format(cs, st, settings)
+    except LuksHeaderError as exc:
+        raise StorageError(f"header refused: {exc}", label) from None
+    except CryptsetupError as exc:
+        what = "the validator's key does not open it" if exc.wrong_key else "unlock failed"
+        raise StorageError(f"{what} ({exc})", label) from None
+    log.info("boot.storage_volume", volume=label, device=dev, formatted=st.formatted, action=settings.action)
+    if label == settings.kubeconfig_volume:
+        if settings.action == "open":
+            st.kubeconfig = purge_kubeconfig(f"/dev/mapper/{mapper}", settings.purge_mount, settings.fstype,
+                                             extend_rtmr3, volume=label)
+        else:
+            st.kubeconfig = "skipped (test-passphrase: nothing mounted)"
+    if nxt is not None and rotate:
+        _add_next(cs, st, settings)
+    elif nxt is not None:
+        log.warning("boot.storage_rotation_skipped", volume=label, why="no confirm nonce")
+    return st
+
+
+def _first_use_format(cs: Cryptsetup, st: VolumeState, settings: StorageSettings) -> None:
+    log.info("boot.storage_first_use", volume=st.label, device=st.device)
+    err = blockdev.wipe_signatures(st.device)
+    if err:
+        log.warning("boot.storage_wipefs_failed", volume=st.label, error=err)
+    try:
+        blockdev.zero_head(st.device)
+    except blockdev.DeviceError as exc:
+        raise StorageError(str(exc), st.label) from None
+    cs.format_luks2(st.device, st.key, label=st.label, kdf=settings.kdf)
+    st.header = unlock_validated(cs, st.device, st.mapper, st.key, settings.header_dir, settings.action)
+    if settings.action == "open":
+        proc = subprocess.run([settings.mkfs, "-L", st.label, f"/dev/mapper/{st.mapper}"],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise StorageError(f"{settings.mkfs} failed: {proc.stderr.strip() or proc.returncode}", st.label)
+
+
+def _add_next(cs: Cryptsetup, st: VolumeState, settings: StorageSettings) -> None:
+    """Add the rotation slot; every failure here is non-fatal (``rotated: false``)."""
+    assert st.next is not None
+    if settings.generation == "1.4":
+        try:
+            st.old_slots = cs.keyslots(st.device)
+        except CryptsetupError as exc:
+            log.warning("boot.storage_add_key_skipped", volume=st.label, error=str(exc))
+            return
+        if not st.old_slots:
+            log.warning("boot.storage_add_key_skipped", volume=st.label, error="no keyslots listed")
+            return
+    try:
+        cs.add_key(st.device, st.key, st.next, kdf=settings.kdf)
+    except CryptsetupError as exc:
+        log.warning("boot.storage_add_key_failed", volume=st.label, error=str(exc))
+        return
+    st.next_added = True
+    log.info("boot.storage_next_added", volume=st.label, old_slots=st.old_slots)
+
+
+# -- kubeconfig purge ----------------------------------------------------------------------------
+
+def purge_kubeconfig(device: str, mountpoint: str, fstype: str, extend_rtmr3: ExtendFn | None, *,
+                     volume: str = "storage", subpath: str = KUBECONFIG_SUBPATH) -> str:
+    """Delete the admin kubeconfig k3s left on the storage volume; returns "purged" or "absent".
+
+    If it survives the delete, its SHA-384 is extended into RTMR3 (so every later quote shows it)
+    and :class:`StorageError` is raised. Needs a real mount: only with ``unlock_action = "open"``.
+    """
+    try:
+        blockdev.mount_rw(device, mountpoint, fstype)
+    except blockdev.DeviceError as exc:
+        raise StorageError(f"kubeconfig purge: {exc}", volume) from None
+    path = os.path.join(mountpoint, subpath)
+    digest: bytes | None = None
+    try:
+        existed = os.path.lexists(path)
+        if existed:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.error("boot.kubeconfig_purge_failed", volume=volume, error=exc.strerror)
+        if os.path.lexists(path):
+            digest = _sha384_nofollow(path)
+        os.sync()
+    finally:
+        try:
+            blockdev.umount(mountpoint)
+        except blockdev.DeviceError as exc:
+            log.warning("boot.kubeconfig_umount_failed", error=str(exc))
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+    if digest is None and not existed:
+        return "absent"
+    if digest is None:
+        log.info("boot.kubeconfig_purged", volume=volume)
+        return "purged"
+    if extend_rtmr3 is not None:
+        try:
+            extend_rtmr3(digest)
+        except Exception as exc:
+            raise StorageError(f"admin kubeconfig survived the purge and the RTMR3 extend failed ({exc})",
+                               volume) from None
+    raise StorageError(f"admin kubeconfig {subpath} survived the purge (sha384 {digest.hex()} "
+                       f"{'extended into RTMR3' if extend_rtmr3 else 'not measured'})", volume)
+
+
+def _sha384_nofollow(path: str) -> bytes:
+    h = hashlib.sha384()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return h.digest()  # a link or unreadable entry: still a non-baseline measurement
+    with os.fdopen(fd, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+# -- confirm and finalize --------------------------------------------------------------------------
+
+def confirm_body(states: Sequence[VolumeState]) -> dict[str, object]:
+    """``{"volumes": {label: {"rotated": bool}}}`` for ``luks/confirm`` / ``provision/confirm``."""
+    return {"volumes": {st.label: {"rotated": st.rotated} for st in states}}
+
+
+def finalize(cs: Cryptsetup, states: Sequence[VolumeState], confirmed: bool | None, generation: str) -> None:
+    """Slot clean-up after the confirm (``confirmed`` None = no answer came back)."""
+    unknown: list[str] = []
+    for st in states:
+        if not st.next_added:
+            st.outcome = "formatted" if st.formatted else "unchanged"
+            continue
+        assert st.next is not None
+        if confirmed is None:
+            st.outcome = "kept-both"
+            unknown.append(st.label)
+            log.warning("boot.storage_confirm_unknown", volume=st.label, action="kept both keyslots")
+            continue
+        if generation == "1.4":
+            _finalize_14(cs, st, confirmed)
+        else:
+            _finalize_13(cs, st, confirmed)
+    if unknown and generation == "1.4":
+        raise StorageError(f"no answer to the storage confirm; both keyslots kept on {', '.join(unknown)}")
+
+
+def _finalize_14(cs: Cryptsetup, st: VolumeState, confirmed: bool) -> None:
+    assert st.next is not None
+    if confirmed:
+        for slot in st.old_slots:
+            try:
+                cs.kill_slot(st.device, slot, st.next)
+            except CryptsetupError as exc:
+                raise StorageError(f"key slot clean-up failed at slot {slot} ({exc})", st.label) from None
+        st.outcome = "rotated"
+    else:
+        try:
+            cs.remove_key(st.device, st.next)
+        except CryptsetupError as exc:
+            raise StorageError(f"key slot rollback failed ({exc})", st.label) from None
+        st.outcome = "reverted"
+    log.info("boot.storage_finalized", volume=st.label, outcome=st.outcome)
+
+
+def _finalize_13(cs: Cryptsetup, st: VolumeState, confirmed: bool) -> None:
+    assert st.next is not None
+    drop, st.outcome = (st.key, "rotated") if confirmed else (st.next, "reverted")
+    try:
+        cs.remove_key(st.device, drop)
+    except CryptsetupError as exc:
+        st.outcome = "kept-both"
+        log.warning("boot.storage_finalize_failed", volume=st.label, confirmed=confirmed, error=str(exc),
+                    why="non-fatal in 1.3.x")
+        return
+    log.info("boot.storage_finalized", volume=st.label, outcome=st.outcome)
+
+
+# -- whole step ------------------------------------------------------------------------------------
+
+async def prepare_volumes(cs: Cryptsetup, keys: Mapping[str, VolumeKeys], settings: StorageSettings, *,
+                          rotate: bool, extend_rtmr3: ExtendFn | None = None) -> list[VolumeState]:
+    """:func:`prepare_volume` for every configured label, in order (blocking work off the loop)."""
+    if settings.generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {settings.generation!r}")
+    states: list[VolumeState] = []
+    for label in settings.labels:
+        vk = keys.get(label)
+        if vk is None:
+            raise StorageError("the validator's answer has no entry for this volume", label)
+        states.append(await asyncio.to_thread(prepare_volume, cs, label, vk, settings, rotate=rotate,
+                                              extend_rtmr3=extend_rtmr3))
+    return states
+
+
+async def setup_storage(cs: Cryptsetup, keys: Mapping[str, VolumeKeys], settings: StorageSettings, *,
+                        confirm: ConfirmFn | None, extend_rtmr3: ExtendFn | None = None,
+                        before_confirm: Callable[[], Awaitable[None]] | None = None) -> StorageResult:
+    """Every volume, the confirm (``confirm(body)`` → True for 200; None when there is no confirm
+    nonce: no rotation then), and the slot clean-up. Raises :class:`StorageError` to fail closed.
+
+    ``before_confirm`` runs between the volumes and the confirm (the k3s encryption config is written
+    there in sek8s).
+    """
+    states = await prepare_volumes(cs, keys, settings, rotate=confirm is not None, extend_rtmr3=extend_rtmr3)
+    body = confirm_body(states)
+    if before_confirm is not None:
+        await before_confirm()
+    if confirm is None:
+        await asyncio.to_thread(finalize, cs, states, None, settings.generation)  # nothing was added
+        return StorageResult(states, body, None)
+    answered: bool | None
+    try:
+        answered = bool(await confirm(body))
+    except Exception as exc:
+        log.warning("boot.storage_confirm_no_answer", error=f"{type(exc).__name__}: {exc}")
+        answered = None
+    await asyncio.to_thread(finalize, cs, states, answered, settings.generation)
+    return StorageResult(states, body, answered)
+
+
+# -- k3s secrets encryption config ---------------------------------------------------------------
+
+K3S_CONFIG_TEMPLATE = """\
+apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources:
+      - secrets
+      - configmaps
+    providers:
+      - secretbox:
+          keys:
+            - name: key1
+              secret: {key}
+      - identity: {}
+"""
+
+
+def write_k3s_encryption_config(path: str, key_b64: Secret | None, *, generation: str = "1.4") -> None:
+    """``/run/chutes/k3s-encryption-config.yaml`` (0600): secretbox ``key1`` then identity (§5).
+
+    The key must be standard base64 of exactly 32 bytes; missing or malformed → fail closed
+    (1.3.x marker ``K3S-ENCRYPTION-KEY-MISSING``, 1.4.0 ``STORAGE-SETUP-FAILED``).
+    """
+    marker = K3S_MARKER if generation == "1.3" else MARKER
+    if key_b64 is None or not len(key_b64):
+        raise StorageError("k3s_encryption_key missing from the validator's answer", marker=marker)
+    raw = key_b64.reveal()
+    try:
+        n = len(base64.b64decode(raw, validate=True))
+    except (binascii.Error, ValueError):
+        raise StorageError("k3s_encryption_key is not standard base64", marker=marker) from None
+    if n != 32:
+        raise StorageError(f"k3s_encryption_key decodes to {n} bytes, secretbox needs 32", marker=marker)
+    head, tail = K3S_CONFIG_TEMPLATE.split("{key}")
+    data = bytearray(head.encode()) + raw + tail.encode()
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        write_atomic(path, data, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}", marker=marker) from None
+    finally:
+        data[:] = bytes(len(data))
