@@ -135,3 +135,29 @@ def mounted_measurements(state: MrState | None = None) -> Iterator[tuple[str, Mr
     state = state or MrState()
     with fuse_mounted(lambda: MeasurementsFs(state), fsname="tdx-measurements-emulator") as mnt:
         yield mnt, state
+
+
+class LiveRtmrQuoteSource:
+    """Simulated quotes carrying the emulator's *current* registers, as TDG.MR.REPORT reads them.
+
+    Pairs the measurement emulator with the simulated quote source, so a test can show that an
+    extension (rootfs chain, runtime event) is what a later quote reports. Thread-safe.
+    """
+
+    name = "simulated"
+
+    def __init__(self, state: MrState, state_dir: str) -> None:
+        from agent.sim.quote_sim import SimulatedQuoteSource
+
+        self.state = state
+        self._inner = SimulatedQuoteSource(state_dir)
+        self._lock = threading.Lock()
+
+    @property
+    def root_ca_pem(self) -> bytes:
+        return self._inner.root_ca_pem
+
+    def get_quote(self, report_data: bytes) -> bytes:
+        with self._lock:
+            self._inner.rtmrs = tuple(self.state.rtmr(i) for i in range(4))
+            return self._inner.get_quote(report_data)
