@@ -18,10 +18,13 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.names import ss58_encode
 from agent.log import Secret
 
 FAST_PBKDF_ITERATIONS = 1000
+#: New keyslots in tests: as fast as the test images (production keeps cryptsetup's argon2id).
+FAST_KDF = Kdf("pbkdf2", FAST_PBKDF_ITERATIONS)
 
 DEFAULT_NETPLAN = """\
 network:
@@ -138,3 +141,54 @@ def make_config_volume(path: str, *, hostname: str, hotkey: str, network_yaml: s
     if network_yaml is not None:
         files["network-config.yaml"] = network_yaml
     make_ext4_image(path, files, label=label)
+
+
+class FaultyCryptsetup(Cryptsetup):
+    """The real wrapper with one injected failure, to prove every failure point leaves an openable disk.
+
+    ``fail`` names a method (``keyslots``, ``add_key``, ``kill_slot``, ``remove_key``, ``token_remove``,
+    ``format_luks2``); its ``nth`` call (1-based) raises :class:`CryptsetupError` — before running
+    cryptsetup (``after=False``: nothing changed) or after it succeeded (``after=True``: the change
+    happened but the caller sees a failure, like a timeout after the header write).
+    """
+
+    FAULTABLE = ("keyslots", "add_key", "kill_slot", "remove_key", "token_remove", "format_luks2")
+
+    def __init__(self, fail: str | None = None, *, nth: int = 1, after: bool = False, binary: str = "cryptsetup"):
+        super().__init__(binary)
+        if fail is not None and fail not in self.FAULTABLE:
+            raise ValueError(f"cannot inject into {fail!r}")
+        self.fail, self.nth, self.after = fail, nth, after
+        self.calls: dict[str, int] = {}
+        self.injected = False
+
+    def _step(self, name: str, run: Callable[[], Any]) -> Any:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        hit = name == self.fail and self.calls[name] == self.nth
+        if hit and not self.after:
+            self.injected = True
+            raise CryptsetupError(name, 1, "injected failure (before)")
+        out = run()
+        if hit:
+            self.injected = True
+            raise CryptsetupError(name, 1, "injected failure (after the change)")
+        return out
+
+    def keyslots(self, device: str) -> list[int]:
+        return self._step("keyslots", lambda: super(FaultyCryptsetup, self).keyslots(device))
+
+    def add_key(self, device: str, current: Secret, new: Secret, *, kdf: Kdf | None = None) -> None:
+        self._step("add_key", lambda: super(FaultyCryptsetup, self).add_key(device, current, new, kdf=kdf))
+
+    def kill_slot(self, device: str, slot: int, auth: Secret) -> None:
+        self._step("kill_slot", lambda: super(FaultyCryptsetup, self).kill_slot(device, slot, auth))
+
+    def remove_key(self, device: str, key: Secret) -> None:
+        self._step("remove_key", lambda: super(FaultyCryptsetup, self).remove_key(device, key))
+
+    def token_remove(self, device: str, token_id: int = 15) -> None:
+        self._step("token_remove", lambda: super(FaultyCryptsetup, self).token_remove(device, token_id))
+
+    def format_luks2(self, device: str, key: Secret, *, label: str, kdf: Kdf | None = None) -> None:
+        self._step("format_luks2", lambda: super(FaultyCryptsetup, self).format_luks2(device, key, label=label,
+                                                                                       kdf=kdf))
