@@ -50,6 +50,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.boot.client_cert import ClientIdentity
 from agent.certs import issue, name, self_signed
+from agent.errors import AgentError
 from agent.fsutil import write_atomic
 from agent.log import get_logger
 
@@ -79,8 +80,10 @@ PROXY_SANS = (
 T = TypeVar("T")
 
 
-class VMCAError(OSError):
-    """Writing the CA or a leaf failed; ``str`` names the path and the cause, never key material."""
+class VMCAError(AgentError, OSError):
+    """Writing or deleting CA / leaf files failed; ``str`` names the path and the cause, never key material."""
+
+    reason = "vm_ca"
 
 
 def _rsa(bits: int) -> rsa.RSAPrivateKey:

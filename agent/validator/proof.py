@@ -26,6 +26,8 @@ import hmac
 import base58
 import sr25519
 
+from agent.errors import AgentError
+from agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_USAGE
 from agent.log import REDACTED
 
 SS58_PREFIX = 42
@@ -45,24 +47,38 @@ HEADER_NONCE = "X-Chutes-Nonce"
 HEADER_SIGNATURE = "X-Chutes-Signature"
 
 
-class ProofError(ValueError):
+class ProofError(AgentError, ValueError):
     """Base class: ``str(exc)`` is one operator-readable line that never contains key material."""
+
+    exit_code = EXIT_FAILED
+    reason = "hotkey_proof"
 
 
 class KeyMaterialError(ProofError):
     """A miner seed / private key that does not parse (length, prefix, non-hex, rejected by sr25519)."""
 
+    exit_code = EXIT_USAGE
+    reason = "miner_key_invalid"
+
 
 class SS58Error(ProofError):
     """An SS58 address that does not decode (alphabet, length, network prefix, checksum)."""
+
+    exit_code = EXIT_BAD_INPUT
+    reason = "ss58_invalid"
 
 
 class HotkeyMismatchError(ProofError):
     """The seed-derived hotkey differs from the config volume's ``miner-ss58``."""
 
+    exit_code = EXIT_USAGE
+    reason = "hotkey_mismatch"
+
 
 class WipedKeyError(ProofError):
     """The hotkey was used after :meth:`Hotkey.wipe`."""
+
+    reason = "hotkey_wiped"
 
 
 # ── SS58 ──────────────────────────────────────────────────────────────────────
