@@ -1,4 +1,11 @@
-"""Input parsing and evidence-error mapping shared by the compat and chute handlers."""
+"""Input parsing and evidence-error mapping shared by the compat and chute handlers.
+
+The chute socket (``/v1``) is strict: a nonce is exactly 64 hex characters as given, and any ``gpu_ids``
+value that is not a GPU on this node is a 400. The compat socket answers as the newest reference
+attestation-service does (chutes-vm-generations.md §8): the nonce is trimmed and lower-cased before the
+64-hex check (with the reference's error texts), and ``gpu_ids`` is handed over raw for the reference's
+filter (:meth:`agent.serve.collector.Collector.compat_gpu_selection`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from aiohttp import web
 
 from agent.evidence.base import DeadlineExceeded, EvidenceError, GpuEvidenceError, QueueFullError
 from agent.evidence.device_info import GpuIdError, parse_gpu_ids
-from agent.evidence.report_data import ReportDataError, parse_nonce
+from agent.evidence.report_data import NONCE_LEN, ReportDataError, parse_nonce
 from agent.serve.errors import ApiError
 from agent.serve.middleware import PEER_KEY
 from agent.serve.peer import UNKNOWN, Peer
@@ -30,6 +37,40 @@ def query_nonce(request: web.Request) -> bytes:
         return parse_nonce(values[0])
     except ReportDataError as exc:
         raise ApiError(400, "bad_nonce", str(exc)) from None
+
+
+def compat_nonce_text(value: str) -> bytes:
+    """The newest reference's rule (sek8s ``validate_quote_nonce``): trim, exactly 64 hex, lower-case;
+    its messages, so a bad nonce gets the same ``detail`` from both services."""
+    text = value.strip()
+    if not text:
+        raise ApiError(400, "bad_nonce", "Nonce cannot be empty")
+    if len(text) != 2 * NONCE_LEN:
+        raise ApiError(400, "bad_nonce", f"Nonce must be exactly {2 * NONCE_LEN} hex characters "
+                                         f"(32 bytes), got {len(text)} characters")
+    try:
+        return parse_nonce(text.lower())
+    except ReportDataError:
+        raise ApiError(400, "bad_nonce", "Nonce must contain only hexadecimal characters (0-9, a-f)") from None
+
+
+def query_compat_nonce(request: web.Request, *, required: bool = True) -> bytes | None:
+    """The compat ``nonce`` parameter; None when absent and not ``required``."""
+    values = request.query.getall("nonce", [])
+    if not values:
+        if required:
+            raise ApiError(400, "missing_nonce", "nonce: required query parameter (64 hex characters)")
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "bad_nonce", "nonce: given more than once")
+    return compat_nonce_text(values[0])
+
+
+def query_gpu_ids_raw(request: web.Request) -> list[str] | None:
+    """``gpu_ids`` as the reference's ``_normalize_gpu_ids`` sees them: repeats and comma lists split,
+    trimmed, empty parts dropped, duplicates kept (they count toward "fewer than all GPUs"); None = all."""
+    out = [part.strip() for value in request.query.getall("gpu_ids", []) for part in value.split(",")]
+    return [p for p in out if p] or None
 
 
 def query_gpu_ids(request: web.Request) -> list[str] | None:

@@ -31,7 +31,7 @@ from agent.serve.context import CTX_KEY, ServiceContext
 from agent.serve.errors import ApiError, chute_body, compat_body
 from agent.serve.middleware import make_middleware
 from agent.serve.peer import PeerResolver
-from agent.serve.service_cert import load_or_create
+from agent.serve.service_cert import load_identity
 from agent.serve.sockets import BACKLOG, bind_unix
 from agent.serve.systemd_integration import Notifier, listen_sockets, watchdog_interval_s
 
@@ -134,7 +134,7 @@ class Service:
 
         cfg = self.cfg
         self.notifier.status("starting: loading service certificate")
-        cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path)
+        cert = load_identity(cfg.serve)  # the boot's CA-signed leaf (1.4.0+) or the self-signed pair
         if cfg.rtmr.runtime_event:  # ≤1.2 images: before any quote, so no runtime quote passes as a boot one
             from agent.evidence.rtmr3_runtime import apply_runtime_event
 
@@ -148,6 +148,7 @@ class Service:
         measurements = await self._self_check(collector)
         measurements["quote_source"] = getattr(source, "name", cfg.quote.source)
         measurements["service_cert_spki_sha256"] = cert.spki_sha256.hex()
+        measurements["service_identity"] = {"source": cert.source, "why": cert.why}
         self.ctx.measurements = measurements
 
         paths = {"compat": cfg.serve.compat_socket, "chute": cfg.serve.chute_socket}
@@ -301,7 +302,8 @@ async def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT; the CLI's exit code."""
     from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
     from agent.evidence.base import EvidenceError
-    from agent.serve.service_cert import ServiceCertError
+    from agent.exitcodes import EXIT_VERIFY_FAILED
+    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError
     from agent.serve.sockets import SocketSetupError
 
     svc = Service(cfg)
@@ -315,6 +317,11 @@ async def serve(cfg: AgentConfig) -> int:
         svc.notifier.status(f"self-check failed: {exc}")
         await svc.stop()
         return EXIT_UNAVAILABLE
+    except HandoffIdentityError as exc:  # the boot's identity is there but wrong: never fall back
+        log.error("serve.start_failed", reason=str(exc), code=exc.reason)
+        svc.notifier.status(f"start failed: service identity: {exc}")
+        await svc.stop()
+        return EXIT_VERIFY_FAILED
     except (ServiceCertError, SocketSetupError, ValueError, OSError) as exc:
         log.error("serve.start_failed", reason=str(exc))
         svc.notifier.status(f"start failed: {exc}")

@@ -34,6 +34,9 @@ def make_cfg(tmp: Path, sim_dir: Path, **serve: Any) -> AgentConfig:
     s.chute_socket = str(tmp / "chute" / "chutes.sock")
     s.cert_path = str(tmp / "certs" / "server.crt")
     s.key_path = str(tmp / "certs" / "server.key")
+    s.handoff_cert_path = str(tmp / "proxy-tls" / "server.crt")  # absent: self-signed unless a test adds them
+    s.handoff_key_path = str(tmp / "proxy-tls" / "server.key")
+    s.vm_root_ca_path = str(tmp / "vm-root-ca" / "ca.crt")
     s.boot_status_path = str(tmp / "boot-status.json")
     s.validator_hosts = ["api.chutes.ai"]
     for k, v in serve.items():  # "section__key" names another section's key

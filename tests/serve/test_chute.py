@@ -72,7 +72,8 @@ async def test_evidence_binding_and_shape(service: Service) -> None:
         r = await c.get("/v1/evidence", params={"nonce": nonce})
         assert r.status == 200
         doc = await r.json()
-    assert set(doc) == {"nonce", "report_data", "quote", "gpu_evidence", "certificate", "tpm"}
+    assert set(doc) == {"nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate", "tpm"}
+    assert doc["quote_version"] == 4
     assert doc["nonce"] == nonce
     spki = spki_sha256_of(service.cfg.serve.cert_path)
     assert doc["report_data"] == nonce + spki.hex()

@@ -99,17 +99,19 @@ async def test_nvtrust_evidence_is_a_json_string_of_a_list(service: Service) -> 
     assert isinstance(inner, list) and len(inner) == 2
 
 
-@pytest.mark.parametrize("route", ["/attest", "/tdx/quote", "/nvtrust/evidence"])
+@pytest.mark.parametrize("route", ["/attest", "/tdx/quote", "/quote", "/nvtrust/evidence"])
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({}, "nonce: required"),
-        ({"nonce": "ab" * 31}, "got 62 characters"),
-        ({"nonce": "ab" * 33}, "got 66 characters"),
-        ({"nonce": "zz" * 32}, "non-hex"),
+        ({"nonce": "ab" * 31}, "Nonce must be exactly 64 hex characters (32 bytes), got 62 characters"),
+        ({"nonce": "ab" * 33}, "Nonce must be exactly 64 hex characters (32 bytes), got 66 characters"),
+        ({"nonce": " " + "ab" * 31 + "a "}, "got 63 characters"),  # trimmed first
+        ({"nonce": "zz" * 32}, "Nonce must contain only hexadecimal characters (0-9, a-f)"),
+        ({"nonce": "  "}, "Nonce cannot be empty"),
     ],
 )
-async def test_bad_nonce_is_400_detail(service: Service, route: str, params: dict, needle: str) -> None:
+async def test_bad_nonce_is_400_with_the_reference_detail(service: Service, route: str, params: dict,
+                                                          needle: str) -> None:
     async with unix_client(service.cfg.serve.compat_socket) as c:
         r = await c.get(route, params=params)
         assert r.status == 400
@@ -118,8 +120,26 @@ async def test_bad_nonce_is_400_detail(service: Service, route: str, params: dic
     assert needle in body["detail"]
 
 
-@pytest.mark.parametrize("gpu_ids", ["not-a-uuid", "0" * 32])
-async def test_bad_or_unknown_gpu_ids_is_400(service: Service, gpu_ids: str) -> None:
+@pytest.mark.parametrize("route", ["/attest", "/tdx/quote", "/quote"])
+async def test_missing_nonce_is_400_where_required(service: Service, route: str) -> None:
+    async with unix_client(service.cfg.serve.compat_socket) as c:
+        r = await c.get(route)
+        assert r.status == 400
+        assert "nonce: required" in (await r.json())["detail"]
+
+
+async def test_nonce_is_trimmed_and_lower_cased(service: Service) -> None:
+    nonce = secrets.token_hex(32)
+    async with unix_client(service.cfg.serve.compat_socket) as c:
+        r = await c.get("/tdx/quote", params={"nonce": f"  {nonce.upper()}\t"})
+        assert r.status == 200, await r.text()
+        quote = base64.b64decode(await r.json())
+    assert report_data_of(quote)[:32] == bytes.fromhex(nonce)
+
+
+@pytest.mark.parametrize("gpu_ids", ["not-a-uuid", "all", "0", "0,1"])
+async def test_malformed_gpu_ids_is_400(service: Service, gpu_ids: str) -> None:
+    """Not a UUID and not GPU-prefixed: the reference fails (500); here a 400 naming the value."""
     async with unix_client(service.cfg.serve.compat_socket) as c:
         for route, extra in (("/devices", {}), ("/attest", {"nonce": secrets.token_hex(32)})):
             r = await c.get(route, params={"gpu_ids": gpu_ids, **extra})
