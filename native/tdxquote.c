@@ -5,14 +5,22 @@
  * Py_buffer export (so a bytearray cannot be resized underneath it) and every attribute getter
  * slices the requested field into a new bytes object on demand. Malformed input raises
  * QuoteError (a ValueError subclass) whose message and .field/.offset name the culprit.
+ *
+ * Built the way CPython's own Modules/_struct.c is: multi-phase init (Py_mod_exec), a heap type,
+ * the exception and the type in module state (no process globals, so sub-interpreters and
+ * reloading are safe), and GC support because the held buffer can reference back to us.
+ * The field tables come from the X-macros in tdxquote_core.h; the module exports them as
+ * BYTES_FIELDS / INT_FIELDS so the Python side never lists a field again.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 
 #include "tdxquote_core.h"
 
-static PyObject *QuoteError;
+typedef struct {
+    PyObject *quote_error;
+    PyTypeObject *quote_type;
+} module_state;
 
 typedef struct {
     PyObject_HEAD
@@ -21,19 +29,33 @@ typedef struct {
     struct tdxq_quote q;
 } QuoteObject;
 
-/* Integer-valued attributes, dispatched by closure in get_int(). */
-enum int_field {
-    I_VERSION, I_ATT_KEY_TYPE, I_TEE_TYPE, I_QE_SVN, I_PCE_SVN, I_BODY_TYPE, I_BODY_SIZE,
-    I_SIG_DATA_LEN, I_CERT_DATA_TYPE, I_CERT_DATA_SIZE, I_PCK_CERT_CHAIN_TYPE, I_QE_MISC_SELECT,
-    I_QE_ISV_PROD_ID, I_QE_ISV_SVN, I_QUOTE_LEN, I_TRAILING_LEN
-};
+static struct PyModuleDef tdxquote_module;
+
+static module_state *
+state_of_module(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+/* The module state reachable from a type, including Python subclasses of Quote. */
+static module_state *
+state_of_type(PyTypeObject *type)
+{
+    PyObject *module = PyType_GetModuleByDef(type, &tdxquote_module);
+
+    return module == NULL ? NULL : state_of_module(module);
+}
+
+#define INT_ENUM_ENTRY(id, name, member, doc) I_##id,
+enum int_field { TDXQ_INT_FIELDS(INT_ENUM_ENTRY) I_COUNT };
+#undef INT_ENUM_ENTRY
 
 static PyObject *
-raise_quote_error(const struct tdxq_error *err)
+raise_quote_error(module_state *st, const struct tdxq_error *err)
 {
     PyObject *exc, *val;
 
-    exc = PyObject_CallFunction(QuoteError, "s", err->msg);
+    exc = PyObject_CallFunction(st->quote_error, "s", err->msg);
     if (exc == NULL)
         return NULL;
     val = PyUnicode_FromString(err->field);
@@ -44,7 +66,7 @@ raise_quote_error(const struct tdxq_error *err)
     if (val == NULL || PyObject_SetAttrString(exc, "offset", val) < 0)
         goto fail;
     Py_DECREF(val);
-    PyErr_SetObject(QuoteError, exc);
+    PyErr_SetObject(st->quote_error, exc);
     Py_DECREF(exc);
     return NULL;
 fail:
@@ -59,7 +81,10 @@ Quote_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *src;
     QuoteObject *self;
     struct tdxq_error err;
+    module_state *st = state_of_type(type);
 
+    if (st == NULL)
+        return NULL;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError, "Quote() takes no keyword arguments");
         return NULL;
@@ -76,9 +101,28 @@ Quote_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->have_view = 1;
     if (tdxq_parse((const uint8_t *)self->view.buf, (size_t)self->view.len, &self->q, &err) < 0) {
         Py_DECREF(self);
-        return raise_quote_error(&err);
+        return raise_quote_error(st, &err);
     }
     return (PyObject *)self;
+}
+
+static int
+Quote_traverse(QuoteObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    if (self->have_view)
+        Py_VISIT(self->view.obj);
+    return 0;
+}
+
+static int
+Quote_clear(QuoteObject *self)
+{
+    if (self->have_view) {
+        self->have_view = 0;
+        PyBuffer_Release(&self->view);
+    }
+    return 0;
 }
 
 static void
@@ -86,16 +130,27 @@ Quote_dealloc(QuoteObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
 
-    if (self->have_view) {
-        self->have_view = 0;
-        PyBuffer_Release(&self->view);
-    }
+    PyObject_GC_UnTrack(self);
+    (void)Quote_clear(self);
     tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Only reachable after the GC broke a reference cycle through the buffer: fail, never read freed memory. */
+static int
+check_view(QuoteObject *self)
+{
+    if (self->have_view)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "the quote's buffer was released");
+    return -1;
 }
 
 static PyObject *
 slice(QuoteObject *self, size_t off, size_t len)
 {
+    if (check_view(self) < 0)
+        return NULL;
     return PyBytes_FromStringAndSize((const char *)self->view.buf + off, (Py_ssize_t)len);
 }
 
@@ -113,36 +168,19 @@ static PyObject *
 get_int(QuoteObject *self, void *closure)
 {
     const struct tdxq_quote *q = &self->q;
+    enum int_field which = (enum int_field)(intptr_t)closure;
 
-    switch ((enum int_field)(intptr_t)closure) {
-    case I_VERSION: return PyLong_FromLong(q->version);
-    case I_ATT_KEY_TYPE: return PyLong_FromLong(q->att_key_type);
-    case I_TEE_TYPE: return PyLong_FromUnsignedLong(q->tee_type);
-    case I_QE_SVN: return PyLong_FromLong(q->qe_svn);
-    case I_PCE_SVN: return PyLong_FromLong(q->pce_svn);
-    case I_BODY_TYPE: return PyLong_FromLong(q->body_type);
-    case I_BODY_SIZE: return PyLong_FromUnsignedLong(q->body_size);
-    case I_SIG_DATA_LEN: return PyLong_FromUnsignedLong(q->sig_data_len);
-    case I_CERT_DATA_TYPE: return PyLong_FromLong(q->cert_data_type);
-    case I_CERT_DATA_SIZE: return PyLong_FromUnsignedLong(q->cert_data_size);
-    case I_PCK_CERT_CHAIN_TYPE: return PyLong_FromLong(q->pck_cert_chain_type);
-    case I_QE_MISC_SELECT: return PyLong_FromUnsignedLong(q->qe_misc_select);
-    case I_QE_ISV_PROD_ID: return PyLong_FromLong(q->qe_isv_prod_id);
-    case I_QE_ISV_SVN: return PyLong_FromLong(q->qe_isv_svn);
-    case I_QUOTE_LEN: return PyLong_FromSize_t(q->quote_len);
-    case I_TRAILING_LEN: return PyLong_FromSize_t(q->trailing_len);
+    if (which == I_VMID && q->body_type != 4)
+        Py_RETURN_NONE;
+    switch (which) {
+#define INT_CASE(id, name, member, doc) case I_##id: return PyLong_FromSize_t((size_t)q->member);
+    TDXQ_INT_FIELDS(INT_CASE)
+#undef INT_CASE
+    case I_COUNT:
+        break;
     }
     PyErr_SetString(PyExc_SystemError, "bad integer field");
     return NULL;
-}
-
-static PyObject *
-get_vmid(QuoteObject *self, void *closure)
-{
-    (void)closure;
-    if (self->q.body_type != 4)
-        Py_RETURN_NONE;
-    return PyLong_FromLong(self->q.vmid);
 }
 
 static PyObject *
@@ -151,6 +189,8 @@ get_debug(QuoteObject *self, void *closure)
     const struct tdxq_span *s = &self->q.f[TDXQ_TD_ATTRIBUTES];
 
     (void)closure;
+    if (check_view(self) < 0)
+        return NULL;
     return PyBool_FromLong(((const uint8_t *)self->view.buf)[s->off] & 1);
 }
 
@@ -175,112 +215,152 @@ get_raw(QuoteObject *self, void *closure)
     return slice(self, 0, self->q.quote_len);
 }
 
-#define BYTES(name, id, doc) {name, (getter)get_bytes, NULL, doc, (void *)(intptr_t)(id)}
-#define INT(name, id, doc) {name, (getter)get_int, NULL, doc, (void *)(intptr_t)(id)}
+#define BYTES_GETSET(id, name, doc) {name, (getter)get_bytes, NULL, doc, (void *)(intptr_t)TDXQ_##id},
+#define INT_GETSET(id, name, member, doc) {name, (getter)get_int, NULL, doc, (void *)(intptr_t)I_##id},
 
 static PyGetSetDef Quote_getset[] = {
-    INT("version", I_VERSION, "quote version (4 or 5)"),
-    INT("att_key_type", I_ATT_KEY_TYPE, "attestation key type (2 = ECDSA P-256)"),
-    INT("tee_type", I_TEE_TYPE, "TEE type (0x81 = TDX)"),
-    INT("qe_svn", I_QE_SVN, "header u16 at offset 8"),
-    INT("pce_svn", I_PCE_SVN, "header u16 at offset 10"),
-    BYTES("qe_vendor_id", TDXQ_QE_VENDOR_ID, "QE vendor ID (16 bytes)"),
-    BYTES("user_data", TDXQ_USER_DATA, "header user data (20 bytes, QE ID first)"),
-    INT("body_type", I_BODY_TYPE, "2 = TDX 1.0 (all v4), 3 = TDX 1.5, 4 = TDX 1.5 Ex"),
-    INT("body_size", I_BODY_SIZE, "TD report body size (584, 648 or 885)"),
-    BYTES("tee_tcb_svn", TDXQ_TEE_TCB_SVN, NULL),
-    BYTES("mr_seam", TDXQ_MR_SEAM, NULL),
-    BYTES("mr_signer_seam", TDXQ_MR_SIGNER_SEAM, NULL),
-    BYTES("seam_attributes", TDXQ_SEAM_ATTRIBUTES, NULL),
-    BYTES("td_attributes", TDXQ_TD_ATTRIBUTES, NULL),
-    BYTES("xfam", TDXQ_XFAM, NULL),
-    BYTES("mr_td", TDXQ_MR_TD, NULL),
-    BYTES("mr_config_id", TDXQ_MR_CONFIG_ID, NULL),
-    BYTES("mr_owner", TDXQ_MR_OWNER, NULL),
-    BYTES("mr_owner_config", TDXQ_MR_OWNER_CONFIG, NULL),
-    BYTES("rtmr0", TDXQ_RTMR0, NULL),
-    BYTES("rtmr1", TDXQ_RTMR1, NULL),
-    BYTES("rtmr2", TDXQ_RTMR2, NULL),
-    BYTES("rtmr3", TDXQ_RTMR3, NULL),
-    BYTES("report_data", TDXQ_REPORT_DATA, NULL),
-    BYTES("tee_tcb_svn2", TDXQ_TEE_TCB_SVN2, "TDX 1.5 only, else None"),
-    BYTES("mr_service_td", TDXQ_MR_SERVICE_TD, "TDX 1.5 only, else None"),
-    {"vmid", (getter)get_vmid, NULL, "body type 4 only, else None", NULL},
-    BYTES("td_id", TDXQ_TD_ID, "body type 4 only, else None"),
-    BYTES("dev_info", TDXQ_DEV_INFO, "body type 4 only, else None"),
-    BYTES("init_servtd_hash", TDXQ_INIT_SERVTD_HASH, "body type 4 only, else None"),
-    BYTES("init_servtd_attributes", TDXQ_INIT_SERVTD_ATTRIBUTES, "body type 4 only, else None"),
-    BYTES("init_cpu_svn", TDXQ_INIT_CPU_SVN, "body type 4 only, else None"),
-    BYTES("init_tee_tcb_svn", TDXQ_INIT_TEE_TCB_SVN, "body type 4 only, else None"),
-    BYTES("init_tee_fmspc", TDXQ_INIT_TEE_FMSPC, "body type 4 only, else None"),
-    BYTES("cur_servtd_hash", TDXQ_CUR_SERVTD_HASH, "body type 4 only, else None"),
-    BYTES("cur_servtd_attributes", TDXQ_CUR_SERVTD_ATTRIBUTES, "body type 4 only, else None"),
-    INT("sig_data_len", I_SIG_DATA_LEN, "signature data length field"),
-    BYTES("signature", TDXQ_SIGNATURE, "ECDSA quote signature r||s (64 bytes)"),
-    BYTES("attestation_key", TDXQ_ATTESTATION_KEY, "ECDSA attestation public key x||y (64 bytes)"),
-    INT("cert_data_type", I_CERT_DATA_TYPE, "outer certification data type (6)"),
-    INT("cert_data_size", I_CERT_DATA_SIZE, "outer certification data size"),
-    BYTES("qe_report", TDXQ_QE_REPORT, "QE report (384 raw bytes)"),
-    BYTES("qe_cpu_svn", TDXQ_QE_CPU_SVN, NULL),
-    INT("qe_misc_select", I_QE_MISC_SELECT, NULL),
-    BYTES("qe_attributes", TDXQ_QE_ATTRIBUTES, NULL),
-    BYTES("qe_mr_enclave", TDXQ_QE_MR_ENCLAVE, NULL),
-    BYTES("qe_mr_signer", TDXQ_QE_MR_SIGNER, NULL),
-    INT("qe_isv_prod_id", I_QE_ISV_PROD_ID, NULL),
-    INT("qe_isv_svn", I_QE_ISV_SVN, NULL),
-    BYTES("qe_report_data", TDXQ_QE_REPORT_DATA, NULL),
-    BYTES("qe_report_signature", TDXQ_QE_REPORT_SIGNATURE, "QE report signature r||s by the PCK key"),
-    BYTES("qe_auth_data", TDXQ_QE_AUTH_DATA, NULL),
-    INT("pck_cert_chain_type", I_PCK_CERT_CHAIN_TYPE, "nested certification data type (5 = PEM chain)"),
-    BYTES("pck_cert_chain", TDXQ_PCK_CERT_CHAIN, "nested certification data, one trailing NUL stripped"),
+    TDXQ_BYTES_FIELDS(BYTES_GETSET)
+    TDXQ_INT_FIELDS(INT_GETSET)
+    {"pck_cert_chain", (getter)get_bytes, NULL, "nested certification data, one trailing NUL stripped",
+     (void *)(intptr_t)TDXQ_PCK_CERT_CHAIN},
     {"signed_region", (getter)get_signed_region, NULL, "(start, end) of the quote-signed bytes", NULL},
     {"signed_data", (getter)get_signed_data, NULL, "the quote-signed bytes", NULL},
     {"raw", (getter)get_raw, NULL, "the quote bytes without trailing data", NULL},
-    INT("quote_len", I_QUOTE_LEN, "header through the end of the signature data"),
-    INT("trailing_len", I_TRAILING_LEN, "buffer bytes after the quote (tolerated, reported)"),
     {"debug", (getter)get_debug, NULL, "td_attributes bit 0: a debug (untrusted) TD", NULL},
     {NULL, NULL, NULL, NULL, NULL}
 };
+
+#undef BYTES_GETSET
+#undef INT_GETSET
 
 PyDoc_STRVAR(Quote_doc,
 "Quote(buffer)\n--\n\n"
 "A parsed TDX quote (v4/v5) over a buffer-protocol object, held without copying.");
 
-static PyTypeObject QuoteType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "agent.quote._tdxquote.Quote",
-    .tp_basicsize = sizeof(QuoteObject),
-    .tp_dealloc = (destructor)Quote_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = Quote_doc,
-    .tp_getset = Quote_getset,
-    .tp_new = Quote_new,
+static PyType_Slot Quote_slots[] = {
+    {Py_tp_new, Quote_new},
+    {Py_tp_dealloc, Quote_dealloc},
+    {Py_tp_traverse, Quote_traverse},
+    {Py_tp_clear, Quote_clear},
+    {Py_tp_getset, Quote_getset},
+    {Py_tp_doc, (void *)Quote_doc},
+    {0, NULL}
+};
+
+static PyType_Spec Quote_spec = {
+    .name = "agent.quote._tdxquote.Quote",
+    .basicsize = sizeof(QuoteObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Quote_slots,
+};
+
+/* A tuple of the names an X-macro table lists, in table order. */
+static PyObject *
+names_tuple(const char *const *names, Py_ssize_t n)
+{
+    PyObject *t = PyTuple_New(n);
+    Py_ssize_t i;
+
+    if (t == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+
+        if (s == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+#define BYTES_NAME(id, name, doc) name,
+#define INT_NAME(id, name, member, doc) name,
+static const char *const bytes_field_names[] = {TDXQ_BYTES_FIELDS(BYTES_NAME)};
+static const char *const int_field_names[] = {TDXQ_INT_FIELDS(INT_NAME)};
+#undef BYTES_NAME
+#undef INT_NAME
+
+static int
+add_tuple(PyObject *m, const char *attr, const char *const *names, size_t n)
+{
+    PyObject *t = names_tuple(names, (Py_ssize_t)n);
+    int rc;
+
+    if (t == NULL)
+        return -1;
+    rc = PyModule_AddObjectRef(m, attr, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+static int
+tdxquote_exec(PyObject *m)
+{
+    module_state *st = state_of_module(m);
+
+    st->quote_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Quote_spec, NULL);
+    if (st->quote_type == NULL)
+        return -1;
+    st->quote_error = PyErr_NewExceptionWithDoc(
+        "agent.quote._tdxquote.QuoteError",
+        "Malformed TDX quote; .field and .offset name the offending field.", PyExc_ValueError, NULL);
+    if (st->quote_error == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "QuoteError", st->quote_error) < 0 ||
+        PyModule_AddObjectRef(m, "Quote", (PyObject *)st->quote_type) < 0)
+        return -1;
+    if (add_tuple(m, "BYTES_FIELDS", bytes_field_names, sizeof(bytes_field_names) / sizeof(bytes_field_names[0])) < 0 ||
+        add_tuple(m, "INT_FIELDS", int_field_names, sizeof(int_field_names) / sizeof(int_field_names[0])) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+tdxquote_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = state_of_module(m);
+
+    Py_VISIT(st->quote_error);
+    Py_VISIT(st->quote_type);
+    return 0;
+}
+
+static int
+tdxquote_clear(PyObject *m)
+{
+    module_state *st = state_of_module(m);
+
+    Py_CLEAR(st->quote_error);
+    Py_CLEAR(st->quote_type);
+    return 0;
+}
+
+static void
+tdxquote_free(void *m)
+{
+    (void)tdxquote_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot tdxquote_slots[] = {
+    {Py_mod_exec, tdxquote_exec},
+    {0, NULL}
 };
 
 static struct PyModuleDef tdxquote_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_tdxquote",
     .m_doc = "Strict, zero-copy TDX quote (v4/v5) parser.",
-    .m_size = -1,
+    .m_size = sizeof(module_state),
+    .m_slots = tdxquote_slots,
+    .m_traverse = tdxquote_traverse,
+    .m_clear = tdxquote_clear,
+    .m_free = tdxquote_free,
 };
 
 PyMODINIT_FUNC
 PyInit__tdxquote(void)
 {
-    PyObject *m;
-
-    if (PyType_Ready(&QuoteType) < 0)
-        return NULL;
-    m = PyModule_Create(&tdxquote_module);
-    if (m == NULL)
-        return NULL;
-    QuoteError = PyErr_NewExceptionWithDoc(
-        "agent.quote._tdxquote.QuoteError",
-        "Malformed TDX quote; .field and .offset name the offending field.", PyExc_ValueError, NULL);
-    if (QuoteError == NULL || PyModule_AddObjectRef(m, "QuoteError", QuoteError) < 0 ||
-        PyModule_AddObjectRef(m, "Quote", (PyObject *)&QuoteType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModuleDef_Init(&tdxquote_module);
 }

@@ -11,25 +11,88 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Byte-string fields, each located by a span. Order matters only for the tables in tdxquote.c. */
+/*
+ * The byte-string fields, defined once. X(ID, "python_name", "docstring or NULL") expands into the
+ * enum below, the Python getters in tdxquote.c and the module's BYTES_FIELDS tuple (which
+ * agent/quote/parser.py uses for its JSON view), so a field is added in exactly one place.
+ * The order is the output order of Quote.to_dict(). TDXQ_PCK_CERT_CHAIN is kept outside the list:
+ * it is rendered specially (PEM text or hex).
+ */
+#define TDXQ_BYTES_FIELDS(X) \
+    X(QE_VENDOR_ID, "qe_vendor_id", "QE vendor ID (16 bytes)") \
+    X(USER_DATA, "user_data", "header user data (20 bytes, QE ID first)") \
+    /* TD report body (TDX 1.0) */ \
+    X(TEE_TCB_SVN, "tee_tcb_svn", NULL) \
+    X(MR_SEAM, "mr_seam", NULL) \
+    X(MR_SIGNER_SEAM, "mr_signer_seam", NULL) \
+    X(SEAM_ATTRIBUTES, "seam_attributes", NULL) \
+    X(TD_ATTRIBUTES, "td_attributes", NULL) \
+    X(XFAM, "xfam", NULL) \
+    X(MR_TD, "mr_td", NULL) \
+    X(MR_CONFIG_ID, "mr_config_id", NULL) \
+    X(MR_OWNER, "mr_owner", NULL) \
+    X(MR_OWNER_CONFIG, "mr_owner_config", NULL) \
+    X(RTMR0, "rtmr0", NULL) \
+    X(RTMR1, "rtmr1", NULL) \
+    X(RTMR2, "rtmr2", NULL) \
+    X(RTMR3, "rtmr3", NULL) \
+    X(REPORT_DATA, "report_data", NULL) \
+    /* TDX 1.5 */ \
+    X(TEE_TCB_SVN2, "tee_tcb_svn2", "TDX 1.5 only, else None") \
+    X(MR_SERVICE_TD, "mr_service_td", "TDX 1.5 only, else None") \
+    /* TDX 1.5 "Ex" (v5 body type 4); vmid is an integer field */ \
+    X(TD_ID, "td_id", "body type 4 only, else None") \
+    X(DEV_INFO, "dev_info", "body type 4 only, else None") \
+    X(INIT_SERVTD_HASH, "init_servtd_hash", "body type 4 only, else None") \
+    X(INIT_SERVTD_ATTRIBUTES, "init_servtd_attributes", "body type 4 only, else None") \
+    X(INIT_CPU_SVN, "init_cpu_svn", "body type 4 only, else None") \
+    X(INIT_TEE_TCB_SVN, "init_tee_tcb_svn", "body type 4 only, else None") \
+    X(INIT_TEE_FMSPC, "init_tee_fmspc", "body type 4 only, else None") \
+    X(CUR_SERVTD_HASH, "cur_servtd_hash", "body type 4 only, else None") \
+    X(CUR_SERVTD_ATTRIBUTES, "cur_servtd_attributes", "body type 4 only, else None") \
+    /* signature data, then the QE report (SGX report body) sub-fields */ \
+    X(SIGNATURE, "signature", "ECDSA quote signature r||s (64 bytes)") \
+    X(ATTESTATION_KEY, "attestation_key", "ECDSA attestation public key x||y (64 bytes)") \
+    X(QE_REPORT, "qe_report", "QE report (384 raw bytes)") \
+    X(QE_CPU_SVN, "qe_cpu_svn", NULL) \
+    X(QE_ATTRIBUTES, "qe_attributes", NULL) \
+    X(QE_MR_ENCLAVE, "qe_mr_enclave", NULL) \
+    X(QE_MR_SIGNER, "qe_mr_signer", NULL) \
+    X(QE_REPORT_DATA, "qe_report_data", NULL) \
+    X(QE_REPORT_SIGNATURE, "qe_report_signature", "QE report signature r||s by the PCK key") \
+    X(QE_AUTH_DATA, "qe_auth_data", NULL)
+
+#define TDXQ_ENUM_ENTRY(id, name, doc) TDXQ_##id,
 enum tdxq_field {
-    TDXQ_QE_VENDOR_ID, TDXQ_USER_DATA,
-    /* TD report body (TDX 1.0) */
-    TDXQ_TEE_TCB_SVN, TDXQ_MR_SEAM, TDXQ_MR_SIGNER_SEAM, TDXQ_SEAM_ATTRIBUTES, TDXQ_TD_ATTRIBUTES,
-    TDXQ_XFAM, TDXQ_MR_TD, TDXQ_MR_CONFIG_ID, TDXQ_MR_OWNER, TDXQ_MR_OWNER_CONFIG,
-    TDXQ_RTMR0, TDXQ_RTMR1, TDXQ_RTMR2, TDXQ_RTMR3, TDXQ_REPORT_DATA,
-    /* TDX 1.5 */
-    TDXQ_TEE_TCB_SVN2, TDXQ_MR_SERVICE_TD,
-    /* TDX 1.5 "Ex" (v5 body type 4); vmid is an integer, see tdxq_quote.vmid */
-    TDXQ_TD_ID, TDXQ_DEV_INFO, TDXQ_INIT_SERVTD_HASH, TDXQ_INIT_SERVTD_ATTRIBUTES, TDXQ_INIT_CPU_SVN,
-    TDXQ_INIT_TEE_TCB_SVN, TDXQ_INIT_TEE_FMSPC, TDXQ_CUR_SERVTD_HASH, TDXQ_CUR_SERVTD_ATTRIBUTES,
-    /* signature data */
-    TDXQ_SIGNATURE, TDXQ_ATTESTATION_KEY, TDXQ_QE_REPORT, TDXQ_QE_REPORT_SIGNATURE, TDXQ_QE_AUTH_DATA,
-    TDXQ_PCK_CERT_CHAIN,
-    /* QE report (SGX report body) sub-fields */
-    TDXQ_QE_CPU_SVN, TDXQ_QE_ATTRIBUTES, TDXQ_QE_MR_ENCLAVE, TDXQ_QE_MR_SIGNER, TDXQ_QE_REPORT_DATA,
+    TDXQ_BYTES_FIELDS(TDXQ_ENUM_ENTRY)
+    TDXQ_PCK_CERT_CHAIN,         /* nested certification data, one trailing NUL stripped */
     TDXQ_FIELD_COUNT
 };
+#undef TDXQ_ENUM_ENTRY
+
+/*
+ * The integer fields, defined once: X(ID, "python_name", member of struct tdxq_quote, "doc").
+ * Order = output order of Quote.to_dict(). "vmid" is None unless the body type is 4.
+ */
+#define TDXQ_INT_FIELDS(X) \
+    X(VERSION, "version", version, "quote version (4 or 5)") \
+    X(ATT_KEY_TYPE, "att_key_type", att_key_type, "attestation key type (2 = ECDSA P-256)") \
+    X(TEE_TYPE, "tee_type", tee_type, "TEE type (0x81 = TDX)") \
+    X(QE_SVN, "qe_svn", qe_svn, "header u16 at offset 8") \
+    X(PCE_SVN, "pce_svn", pce_svn, "header u16 at offset 10") \
+    X(BODY_TYPE, "body_type", body_type, "2 = TDX 1.0 (all v4), 3 = TDX 1.5, 4 = TDX 1.5 Ex") \
+    X(BODY_SIZE, "body_size", body_size, "TD report body size (584, 648 or 885)") \
+    X(VMID, "vmid", vmid, "body type 4 only, else None") \
+    X(SIG_DATA_LEN, "sig_data_len", sig_data_len, "signature data length field") \
+    X(CERT_DATA_TYPE, "cert_data_type", cert_data_type, "outer certification data type (6)") \
+    X(CERT_DATA_SIZE, "cert_data_size", cert_data_size, "outer certification data size") \
+    X(QE_MISC_SELECT, "qe_misc_select", qe_misc_select, NULL) \
+    X(QE_ISV_PROD_ID, "qe_isv_prod_id", qe_isv_prod_id, NULL) \
+    X(QE_ISV_SVN, "qe_isv_svn", qe_isv_svn, NULL) \
+    X(PCK_CERT_CHAIN_TYPE, "pck_cert_chain_type", pck_cert_chain_type, \
+      "nested certification data type (5 = PEM chain)") \
+    X(QUOTE_LEN, "quote_len", quote_len, "header through the end of the signature data") \
+    X(TRAILING_LEN, "trailing_len", trailing_len, "buffer bytes after the quote (tolerated, reported)")
 
 struct tdxq_span {
     size_t off;

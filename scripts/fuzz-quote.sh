@@ -4,7 +4,7 @@
 set -eu
 SECONDS_TO_RUN="${1:-600}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-SHARED="${CHUTES_ATTEST_SHARED:-$ROOT/../shared}"
+SAMPLES="$ROOT/tests/data/tdx-quotes"
 OUT="$ROOT/build/fuzz"
 mkdir -p "$OUT/corpus" "$OUT/artifacts"
 
@@ -13,7 +13,7 @@ clang -g -O1 -std=c11 -Wall -Wextra -Wconversion -Werror \
     -o "$OUT/fuzz_tdxquote" "$ROOT/native/fuzz/fuzz_tdxquote.c" "$ROOT/native/tdxquote_core.c"
 
 # Seeds: every real quote, plus the CBOR/COSE prefixes.
-for f in "$SHARED"/testdata/tdx-quotes/*.bin; do
+for f in "$SAMPLES"/*.bin; do
     cp -f "$f" "$OUT/corpus/"
 done
 printf '\330\075' > "$OUT/corpus/cbor_cwt"

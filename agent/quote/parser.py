@@ -15,23 +15,11 @@ QuoteError = _tdxquote.QuoteError
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
 
-#: Fields that are ``bytes`` (or None when the body type lacks them), in output order.
-BYTES_FIELDS: tuple[str, ...] = (
-    "qe_vendor_id", "user_data",
-    "tee_tcb_svn", "mr_seam", "mr_signer_seam", "seam_attributes", "td_attributes", "xfam", "mr_td",
-    "mr_config_id", "mr_owner", "mr_owner_config", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "report_data",
-    "tee_tcb_svn2", "mr_service_td",
-    "td_id", "dev_info", "init_servtd_hash", "init_servtd_attributes", "init_cpu_svn", "init_tee_tcb_svn",
-    "init_tee_fmspc", "cur_servtd_hash", "cur_servtd_attributes",
-    "signature", "attestation_key", "qe_report", "qe_cpu_svn", "qe_attributes", "qe_mr_enclave",
-    "qe_mr_signer", "qe_report_data", "qe_report_signature", "qe_auth_data",
-)
-#: Integer fields (``vmid`` is None unless body type 4).
-INT_FIELDS: tuple[str, ...] = (
-    "version", "att_key_type", "tee_type", "qe_svn", "pce_svn", "body_type", "body_size", "vmid",
-    "sig_data_len", "cert_data_type", "cert_data_size", "qe_misc_select", "qe_isv_prod_id", "qe_isv_svn",
-    "pck_cert_chain_type", "quote_len", "trailing_len",
-)
+#: Fields that are ``bytes`` (or None when the body type lacks them), in output order; the list lives
+#: once, in the X-macro table of native/tdxquote_core.h, and the extension exports it.
+BYTES_FIELDS: tuple[str, ...] = _tdxquote.BYTES_FIELDS
+#: Integer fields (``vmid`` is None unless body type 4), in output order, from the same table.
+INT_FIELDS: tuple[str, ...] = _tdxquote.INT_FIELDS
 
 
 class Quote(_tdxquote.Quote):
