@@ -182,10 +182,13 @@ class Cryptsetup:
             raise CryptsetupError("luksDump", 0, "a keyslot id is not a number") from None
 
     def label(self, device: str) -> str:
-        """The LUKS2 header label ('' when none)."""
-        cfg = self.dump_json(device).get("config")
-        label = cfg.get("label", "") if isinstance(cfg, dict) else ""
-        return label if isinstance(label, str) else ""
+        """The LUKS2 header label ('' when none): the ``Label:`` line of the text ``luksDump`` (the label
+        lives in the binary header, not in the JSON metadata)."""
+        for line in self._run("luksDump", ["luksDump", device]).splitlines():
+            if line.startswith("Label:"):
+                value = line.split(":", 1)[1].strip()
+                return "" if value == "(no label)" else value
+        return ""
 
     def token_exists(self, device: str, token_id: int = FIRST_BOOT_TOKEN) -> bool:
         """Whether LUKS2 token ``token_id`` exists (``token export``, as the sek8s images test it).

@@ -206,7 +206,10 @@ def _first_use_format(cs: Cryptsetup, st: VolumeState, settings: StorageSettings
         blockdev.zero_head(st.device)
     except blockdev.DeviceError as exc:
         raise StorageError(str(exc), st.label) from None
-    cs.format_luks2(st.device, st.key, label=st.label, kdf=settings.kdf)
+    try:
+        cs.format_luks2(st.device, st.key, label=st.label, kdf=settings.kdf)
+    except CryptsetupError as exc:
+        raise StorageError(f"first-use luksFormat failed ({exc})", st.label) from None
     st.header = unlock_validated(cs, st.device, st.mapper, st.key, settings.header_dir, settings.action)
     if settings.action == "open":
         proc = subprocess.run([settings.mkfs, "-L", st.label, f"/dev/mapper/{st.mapper}"],
