@@ -52,6 +52,10 @@ class QuoteConfig:
     simulated_state_dir: str = "/var/lib/chutes-attest/sim"
     queue_max: int = 64
     deadline_s: float = 30.0
+    #: Quote requests one caller may have waiting (its share of queue_max).
+    queue_per_caller: int = 8
+    #: Slots of queue_max only the compat socket (the validator's /attest path) may use; served first.
+    queue_reserved_compat: int = 16
     #: Serve v5 quotes on the compat socket. Off: the validator reads v4 offsets only, so a v5 quote is
     #: refused there (503 naming the version and this key) instead of failing at the validator.
     allow_v5: bool = False
@@ -120,7 +124,7 @@ class BootConfig:
     cache_mapper: str = "containerd-cache"
     cache_enabled: bool = True
     handoff_dir: str = "/run/chutes"
-    max_attempts: int = 5
+    max_attempts: int = 3  # TDX_RETRY_COUNT (reference §3.6)
     total_timeout_s: float = 300.0
     request_timeout_s: float = 30.0
     backoff_s: float = 2.0
@@ -172,8 +176,17 @@ class ServeConfig:
     nonce_burst: int = 10000
     max_body_bytes: int = 65536
     max_connections: int = 1024
-    #: Connections one caller (container, else uid) may hold on one socket.
-    max_connections_per_caller: int = 256
+    #: Connections one caller (container, pod, else cgroup) may hold on one socket.
+    max_connections_per_caller: int = 32
+    #: Connections shared by every caller that could not be identified (exited, pid reused).
+    max_connections_unidentified: int = 8
+    #: The last connection slots of a socket, kept for callers holding none there (at most a quarter).
+    connections_reserved_for_new_callers: int = 64
+    #: Global cap on live rint nonces (see agent.serve.rint.NonceStore for the memory arithmetic).
+    rint_nonces_max: int = 65536
+    #: Validator relay calls (/v1/rint/validator-nonce) per caller: token bucket rate and burst.
+    relay_rate_per_s: float = 1.0
+    relay_burst: int = 10
     request_timeout_s: float = 60.0
     #: Hosts the rint validator-nonce relay may contact (no SSRF).
     validator_hosts: list[str] = field(default_factory=lambda: ["api.chutes.ai"])
@@ -334,11 +347,24 @@ def _validate(cfg: AgentConfig) -> None:
         "serve.rint_nonce_ttl_s": cfg.serve.rint_nonce_ttl_s,
         "serve.max_body_bytes": cfg.serve.max_body_bytes,
         "serve.max_connections": cfg.serve.max_connections,
+        "serve.max_connections_per_caller": cfg.serve.max_connections_per_caller,
+        "serve.max_connections_unidentified": cfg.serve.max_connections_unidentified,
+        "serve.rint_nonces_max": cfg.serve.rint_nonces_max,
+        "serve.relay_burst": cfg.serve.relay_burst,
+        "quote.queue_per_caller": cfg.quote.queue_per_caller,
         "gpu.call_timeout_s": cfg.gpu.call_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    if not 0 <= cfg.quote.queue_reserved_compat < cfg.quote.queue_max:
+        raise ConfigError(f"quote.queue_reserved_compat: must be 0..quote.queue_max-1, got "
+                          f"{cfg.quote.queue_reserved_compat}")
+    if cfg.serve.connections_reserved_for_new_callers < 0:
+        raise ConfigError(f"serve.connections_reserved_for_new_callers: must be >= 0, "
+                          f"got {cfg.serve.connections_reserved_for_new_callers}")
+    if cfg.serve.relay_rate_per_s < 0:
+        raise ConfigError(f"serve.relay_rate_per_s: must be >= 0, got {cfg.serve.relay_rate_per_s}")
     if cfg.quote.retries < 0:
         raise ConfigError(f"quote.retries: must be >= 0, got {cfg.quote.retries}")
     if not 0 <= cfg.serve.socket_mode <= 0o777:

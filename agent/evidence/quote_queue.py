@@ -7,6 +7,10 @@ callers must not each block a thread on the source. This queue:
 - serves callers round-robin (one job per caller per turn), so a chatty caller cannot starve others;
 - is bounded: with ``max_len`` distinct requests waiting, new ones get :class:`QueueFullError` with a
   ``retry_after_s`` estimate (one average quote time: when the next slot frees up) → HTTP 429;
+- gives each caller a bounded share: one caller has at most ``max_per_caller`` requests waiting;
+- keeps ``reserved`` of the ``max_len`` slots for the reserved lane (the compat socket: the validator's
+  own evidence pull), whose requests are also served first: shared-lane callers (chute containers) can
+  fill at most ``max_len - reserved`` slots and can never make the validator's path wait behind them;
 - gives each request a deadline: a waiter gets :class:`DeadlineExceeded` when it passes, and a request
   whose waiters all gave up or expired is dropped before it reaches the hardware;
 - coalesces identical report_data (queued or in flight) into one quote: the quote binds the same
@@ -21,6 +25,7 @@ import contextlib
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +35,14 @@ from agent.log import get_logger
 log = get_logger(__name__)
 
 _EWMA_ALPHA = 0.3
+SHARED_LANE = "shared"
+RESERVED_LANE = "reserved"
+#: Which lane a request uses, set by whoever knows where the request came from (the serve middleware
+#: sets RESERVED_LANE for the compat socket); a context variable so it follows the request's task.
+queue_lane: ContextVar[str] = ContextVar("quote_queue_lane", default=SHARED_LANE)
 _STATS = (
-    "submitted", "coalesced", "rejected_full", "served", "deadline_exceeded", "cancelled", "failed",
-    "expired_skipped", "abandoned", "source_calls", "source_errors",
+    "submitted", "coalesced", "rejected_full", "rejected_caller_share", "served", "deadline_exceeded", "cancelled",
+    "failed", "expired_skipped", "abandoned", "source_calls", "source_errors",
 )
 
 
@@ -42,6 +52,7 @@ class _Job:
     caller: str
     future: asyncio.Future[bytes]
     deadline: float  # loop time; the latest deadline among its waiters
+    lane: str = SHARED_LANE
     state: str = "queued"  # queued -> running -> done
     waiters: int = 0
     callers: set[str] = field(default_factory=set)
@@ -55,17 +66,25 @@ def _mark_retrieved(fut: asyncio.Future[bytes]) -> None:
 class QuoteQueue:
     """Async front of a blocking :class:`QuoteSource`; see the module docstring for the guarantees."""
 
-    def __init__(self, source: QuoteSource, *, max_len: int, default_deadline_s: float) -> None:
+    def __init__(self, source: QuoteSource, *, max_len: int, default_deadline_s: float,
+                 max_per_caller: int | None = None, reserved: int = 0) -> None:
         if max_len <= 0:
             raise ValueError(f"max_len: must be > 0, got {max_len}")
+        if not 0 <= reserved < max_len:
+            raise ValueError(f"reserved: must be 0..max_len-1 ({max_len - 1}), got {reserved}")
         if default_deadline_s <= 0:
             raise ValueError(f"default_deadline_s: must be > 0, got {default_deadline_s}")
         self._source = source
         self._max_len = max_len
+        self._max_per_caller = max_per_caller or max_len
+        self._reserved = reserved
         self._default_deadline_s = default_deadline_s
         self._jobs: dict[bytes, _Job] = {}  # queued or running, by report_data
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # per-caller FIFO, round-robin order
+        # per lane: per-caller FIFO, round-robin order; the reserved lane is served first
+        self._lanes: dict[str, OrderedDict[str, deque[_Job]]] = {RESERVED_LANE: OrderedDict(),
+                                                                 SHARED_LANE: OrderedDict()}
         self._queued = 0
+        self._queued_shared = 0
         self._running: _Job | None = None
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -80,6 +99,10 @@ class QuoteQueue:
     def depth(self) -> int:
         """Distinct requests waiting for the source (not counting the one in flight)."""
         return self._queued
+
+    def queued_for(self, caller: str) -> int:
+        """Requests this caller has waiting (both lanes)."""
+        return sum(len(lane.get(caller, ())) for lane in self._lanes.values())
 
     @property
     def in_flight(self) -> bool:
@@ -116,16 +139,15 @@ class QuoteQueue:
             self.stats["coalesced"] += 1
             job.deadline = max(job.deadline, deadline)
         else:
-            if self._queued >= self._max_len:
-                self.stats["rejected_full"] += 1
-                raise QueueFullError(
-                    f"quote queue full ({self._queued} requests waiting)", retry_after_s=self.retry_after_s()
-                )
-            job = _Job(key, caller, loop.create_future(), deadline)
+            lane = RESERVED_LANE if queue_lane.get() == RESERVED_LANE else SHARED_LANE
+            self._admit(caller, lane)
+            job = _Job(key, caller, loop.create_future(), deadline, lane)
             job.future.add_done_callback(_mark_retrieved)
             self._jobs[key] = job
-            self._queues.setdefault(caller, deque()).append(job)
+            self._lanes[lane].setdefault(caller, deque()).append(job)
             self._queued += 1
+            if lane == SHARED_LANE:
+                self._queued_shared += 1
             assert self._wakeup is not None
             self._wakeup.set()
         job.waiters += 1
@@ -151,15 +173,35 @@ class QuoteQueue:
         self.stats["served"] += 1
         return quote
 
+    def _admit(self, caller: str, lane: str) -> None:
+        """Raise QueueFullError unless the queue, this lane and this caller's share all have room."""
+        if self._queued >= self._max_len:
+            why = f"quote queue full ({self._queued} requests waiting)"
+        elif lane == SHARED_LANE and self._queued_shared >= self._max_len - self._reserved:
+            why = f"quote queue full for callers of this socket ({self._queued_shared} requests waiting)"
+        elif len(self._lanes[lane].get(caller, ())) >= self._max_per_caller:
+            self.stats["rejected_caller_share"] += 1
+            why = f"this caller already has {self._max_per_caller} quote requests waiting"
+        else:
+            return
+        self.stats["rejected_full"] += 1
+        raise QueueFullError(why, retry_after_s=self.retry_after_s())
+
+    def _dequeued(self, job: _Job) -> None:
+        self._queued -= 1
+        if job.lane == SHARED_LANE:
+            self._queued_shared -= 1
+
     def _unqueue(self, job: _Job) -> None:
         """Remove a job nobody waits for any more, before it reaches the hardware."""
-        dq = self._queues.get(job.caller)
+        queues = self._lanes[job.lane]
+        dq = queues.get(job.caller)
         if dq is not None:
             with contextlib.suppress(ValueError):
                 dq.remove(job)
             if not dq:
-                del self._queues[job.caller]
-        self._queued -= 1
+                del queues[job.caller]
+        self._dequeued(job)
         job.state = "done"
         self._jobs.pop(job.report_data, None)
         job.future.cancel()
@@ -172,15 +214,17 @@ class QuoteQueue:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="quote-queue-worker")
 
     def _next_job(self) -> _Job | None:
-        """Round-robin: the head of the first caller's queue; that caller then goes to the back."""
-        while self._queues:
-            caller, dq = next(iter(self._queues.items()))
-            del self._queues[caller]
-            job = dq.popleft()
-            if dq:
-                self._queues[caller] = dq
-            self._queued -= 1
-            return job
+        """Reserved lane first; within a lane round-robin: the head of the first caller's queue, and that
+        caller then goes to the back."""
+        for queues in (self._lanes[RESERVED_LANE], self._lanes[SHARED_LANE]):
+            if queues:
+                caller, dq = next(iter(queues.items()))
+                del queues[caller]
+                job = dq.popleft()
+                if dq:
+                    queues[caller] = dq
+                self._dequeued(job)
+                return job
         return None
 
     async def _run(self) -> None:
@@ -240,7 +284,8 @@ class QuoteQueue:
             if not job.future.done():
                 job.future.set_exception(QuoteSourceError("quote queue is closed"))
         self._jobs.clear()
-        self._queues.clear()
-        self._queued = 0
+        for queues in self._lanes.values():
+            queues.clear()
+        self._queued = self._queued_shared = 0
         self._running = None
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,23 +6,18 @@ every well-formed request with 200 and ``{"valid": bool, "reason": code}``.
 
 from __future__ import annotations
 
-import json
-import platform
 import re
-import time
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from agent import __version__
 from agent.log import Secret
 from agent.serve import rint, symkey
 from agent.serve.context import ctx_of
 from agent.serve.errors import ApiError, json_bytes_response, json_response
 from agent.serve.handlers_common import evidence_call, peer_of, query_gpu_ids, query_nonce, rate_limit
 from agent.serve.middleware import read_json_object
+from agent.serve.status import caller_status
 from agent.validator.rint_relay import RelayError, fetch_validator_nonce
 
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
@@ -36,38 +31,9 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": status}, 200 if status == "ok" else 503)
 
 
-def _boot_status(path: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        return {"error": f"unreadable boot status {path}: {type(exc).__name__}"}
-
-
 async def status(request: web.Request) -> web.Response:
-    ctx = ctx_of(request)
-    c = ctx.collector
-    queue = c.queue
-    stats = getattr(queue, "stats", None)
-    return json_response({
-        "service": "chutes-attest",
-        "versions": {"agent": __version__, "python": platform.python_version(), "aiohttp": aiohttp.__version__},
-        "uptime_s": round(time.time() - ctx.started_at, 3),
-        "health": ctx.health,
-        "boot": _boot_status(ctx.cfg.serve.boot_status_path),
-        "measurements": ctx.measurements,
-        "quote_source": getattr(getattr(queue, "source", None), "name", ctx.cfg.quote.source),
-        "queue": {"depth": getattr(queue, "depth", 0), "stats": stats if isinstance(stats, dict) else None},
-        "rint": {"live_nonces": len(ctx.nonces), "issued": ctx.nonces.issued, "consumed": ctx.nonces.consumed},
-        "counters": {
-            "requests": dict(ctx.counters),
-            "rate_limited": {"evidence": ctx.evidence_limiter.rejected, "nonce": ctx.nonce_limiter.rejected},
-            "quotes": {"ok": c.health.ok, "failed": c.health.failed},
-            "connections": {name: {"open": len(t.states), "accepted": t.accepted, "refused": t.refused,
-                                   "timed_out": t.timed_out} for name, t in ctx.trackers.items()},
-        },
-    })
+    """This caller's own figures and the node facts; node-wide counters are on the compat socket only."""
+    return json_response(caller_status(ctx_of(request), peer_of(request), "chute"))
 
 
 async def evidence(request: web.Request) -> web.Response:
@@ -125,7 +91,7 @@ async def rint_validator_nonce(request: web.Request) -> web.Response:
         raw = raw[7:].strip()
     if not raw:
         raise ApiError(401, "missing_token", "authorization: the launch JWT is required in the Authorization header")
-    rate_limit(ctx.nonce_limiter, peer_of(request), "nonce")
+    rate_limit(ctx.relay_limiter, peer_of(request), "validator relay")
     if not raw.isascii() or not raw.isprintable():
         # A JWT is printable ASCII; anything else (incl. surrogate-escaped raw bytes) is not a token.
         raise ApiError(400, "bad_token", "authorization: expected a launch JWT (printable ASCII)")

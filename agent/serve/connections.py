@@ -1,14 +1,28 @@
-"""Per-connection bookkeeping under aiohttp: peer credentials once, a connection cap, header/idle timers.
+"""Per-connection bookkeeping under aiohttp: caller identity once, connection caps, receive/idle timers.
 
 aiohttp's protocol factory is wrapped by a thin :class:`asyncio.Protocol` proxy, so every accepted
-connection is seen before aiohttp parses a byte of it: SO_PEERCRED is read once and cached in
-:class:`ConnState` (looked up per request by transport), connections beyond the cap are closed at once,
-and a connection that stays idle, or sends a request head too slowly, is closed by a timer.
+connection is seen before aiohttp parses a byte of it: the caller is identified once and cached in
+:class:`ConnState` (looked up per request by transport), and connections beyond the caps are closed at once.
+
+Caps (a hostile container must not lock its neighbours out): ``max_connections`` per socket;
+``max_per_caller`` per caller scope; ``max_unidentified`` for the one scope shared by every caller that
+could not be pinned (see :mod:`agent.serve.peer`); and the last ``reserved`` slots of the socket only go
+to callers that hold no connection yet, so callers holding connections can never take the final ones.
+
+Timers: a connection with no request in progress is closed ``idle_timeout_s`` after its last complete
+request (or its accept); once the first byte of a request arrives, the *whole* request, head and body,
+must arrive within ``header_timeout_s``. Dribbling a byte at a time therefore never keeps a connection
+past ``idle_timeout_s + header_timeout_s`` without completing a request.
+
+Edge answers: a request followed by a half-close (``shutdown(SHUT_WR)``) is still answered, then the
+connection closes; a half-close in the middle of a request head, or an HTTP/0.9 request line
+("GET /\r\n", no version), gets the socket's JSON 400, never a bare body.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +44,10 @@ class ConnState:
     #: "idle" (between requests) or "head" (bytes of a request head arrived); ``since`` is loop time.
     phase: str = "idle"
     since: float = 0.0
+    #: The request body stream of the request in progress (set by the middleware); None between requests.
+    payload: Any = None
+    #: The peer half-closed its side: answer what it sent, then close.
+    eof: bool = False
 
 
 class ConnTracker:
@@ -42,13 +60,21 @@ class ConnTracker:
     def __init__(
         self, resolver: PeerResolver, *, name: str, max_connections: int,
         idle_timeout_s: float, header_timeout_s: float, max_per_caller: int | None = None,
+        max_unidentified: int | None = None, reserved: int = 0, max_scopes: int = 4096,
     ) -> None:
         self.resolver = resolver
         self.name = name
         self.max_connections = max_connections
-        #: One caller (container / uid scope) may not take every slot from its neighbours.
+        #: One caller (container / cgroup scope) may not take every slot from its neighbours.
         self.max_per_caller = max_per_caller or max_connections
+        #: All callers that could not be identified share this many connections.
+        self.max_unidentified = max_unidentified if max_unidentified is not None else self.max_per_caller
+        #: The last ``reserved`` slots (at most a quarter) go only to callers holding none on this socket.
+        self.reserved = max(0, min(reserved, max_connections // 4))
         self._scopes: dict[str, int] = {}
+        #: Per-caller request counters (``/v1/status`` shows a caller only its own), bounded LRU.
+        self.caller_counters: OrderedDict[str, Counter[str]] = OrderedDict()
+        self._max_scopes = max_scopes
         #: Renders the JSON error body for requests aiohttp cannot parse (None: aiohttp's own answer).
         self.error_body: Callable[[ApiError], dict[str, str]] | None = None
         self._json_handler_cls: type | None = None
@@ -57,9 +83,9 @@ class ConnTracker:
         self.states: dict[Any, ConnState] = {}
         self.refused = 0
         self.timed_out = 0
+        self.bad_http = 0
         self.accepted = 0
         self.draining = False
-        self._pids: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -83,6 +109,30 @@ class ConnTracker:
     def peer_of(self, transport: Any) -> Peer:
         st = self.states.get(transport)
         return st.peer if st is not None else UNKNOWN
+
+    def connections_of(self, scope: str) -> int:
+        return self._scopes.get(scope, 0)
+
+    def counters_of(self, scope: str) -> Counter[str]:
+        """This caller's request counters (created on first use; least recently used scopes drop out)."""
+        c = self.caller_counters.get(scope)
+        if c is None:
+            c = self.caller_counters[scope] = Counter()
+            if len(self.caller_counters) > self._max_scopes:
+                self.caller_counters.popitem(last=False)
+        else:
+            self.caller_counters.move_to_end(scope)
+        return c
+
+    def error_bytes(self, detail: str) -> bytes | None:
+        """A complete HTTP/1.1 400 with this socket's JSON error body (None: no renderer configured)."""
+        if self.error_body is None:
+            return None
+        body = json_response(self.error_body(ApiError(400, "bad_http", f"malformed HTTP request ({detail})")),
+                             status=400).body
+        assert isinstance(body, bytes)
+        return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % len(body)) + body
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         def make() -> asyncio.Protocol:
@@ -112,13 +162,25 @@ class ConnTracker:
         now = self._loop.time()
         for transport, st in list(self.states.items()):
             if st.busy:
+                # a handler is running; the request body must still arrive within the receive window
+                payload = st.payload
+                if payload is None or payload.is_eof() or now - st.since <= self.header_timeout_s:
+                    continue
+                why = "request body not received in time"
+            elif st.eof:
+                inner = getattr(transport.get_protocol(), "_inner", None)
+                if getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False):
+                    continue
+                transport.close()  # half-closed and everything it sent has been answered
                 continue
-            limit = self.header_timeout_s if st.phase == "head" else self.idle_timeout_s
-            if now - st.since > limit:
-                self.timed_out += 1
+            else:
+                limit = self.header_timeout_s if st.phase == "head" else self.idle_timeout_s
+                if now - st.since <= limit:
+                    continue
                 why = "request head not received in time" if st.phase == "head" else "idle"
-                log.info("serve.connection_timeout", socket=self.name, reason=why, peer_pid=st.peer.pid)
-                transport.close()
+            self.timed_out += 1
+            log.info("serve.connection_timeout", socket=self.name, reason=why, peer_pid=st.peer.pid)
+            transport.close()
         if self.states:
             self._schedule()
 
@@ -138,6 +200,7 @@ class ConnTracker:
     def request_finished(self, transport: Any, st: ConnState | None) -> None:
         if st is not None and self._loop is not None:
             st.busy = False
+            st.payload = None
             st.phase = "idle"
             st.since = self._loop.time()
 
@@ -153,15 +216,20 @@ class ConnTracker:
             self._loop = asyncio.get_running_loop()
         peer = self.resolver.resolve(transport.get_extra_info("socket"))
         held = self._scopes.get(peer.scope, 0)
-        if held >= self.max_per_caller:
+        cap = self.max_per_caller if peer.identified else self.max_unidentified
+        why = ""
+        if held >= cap:
+            why = "per-caller connection cap reached" if peer.identified else "unidentified-caller cap reached"
+        elif held and len(self.states) >= self.max_connections - self.reserved:
+            why = "remaining connections are reserved for callers holding none"
+        if why:
             self.refused += 1
-            log.warning("serve.connection_refused", socket=self.name, reason="per-caller connection cap reached",
-                        limit=self.max_per_caller, peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope)
+            log.warning("serve.connection_refused", socket=self.name, reason=why, limit=cap, held=held,
+                        peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope)
             transport.close()
             return False
         self._scopes[peer.scope] = held + 1
         self.states[transport] = ConnState(peer=peer, since=self._loop.time())
-        self._pids[peer.pid] = self._pids.get(peer.pid, 0) + 1
         self.accepted += 1
         self._schedule()
         return True
@@ -181,12 +249,6 @@ class ConnTracker:
             self._scopes.pop(st.peer.scope, None)
         else:
             self._scopes[st.peer.scope] = held
-        left = self._pids.get(st.peer.pid, 1) - 1
-        if left <= 0:
-            self._pids.pop(st.peer.pid, None)
-            self.resolver.forget(st.peer.pid)
-        else:
-            self._pids[st.peer.pid] = left
 
 
 def _json_protocol_error(socket_name: str, render: Callable[[ApiError], dict[str, str]]) -> Callable[..., Any]:
@@ -207,6 +269,15 @@ def _json_protocol_error(socket_name: str, render: Callable[[ApiError], dict[str
         return resp
 
     return handle_error
+
+
+def _http09(data: bytes) -> bool:
+    """The first line of a request is "METHOD target" with no HTTP version (HTTP/0.9 style)."""
+    nl = data.find(b"\n")
+    if nl < 0:
+        return False
+    line = data[:nl].rstrip(b"\r")
+    return bool(line) and line.count(b" ") == 1 and not line.endswith(b" ")
 
 
 class _TrackedProtocol(asyncio.Protocol):
@@ -236,10 +307,39 @@ class _TrackedProtocol(asyncio.Protocol):
             if st is not None and not st.busy and st.phase == "idle" and self._now is not None:
                 st.phase = "head"
                 st.since = self._now()
+                if _http09(data):
+                    self._reject("HTTP/0.9 request line")
+                    return
             self._inner.data_received(data)
 
+    def _reject(self, detail: str) -> None:
+        """Answer with the socket's JSON 400 and close (bytes aiohttp would never turn into a request)."""
+        self._tracker.bad_http += 1
+        log.info("serve.bad_http", socket=self._tracker.name, status=400, reason=detail)
+        answer = self._tracker.error_bytes(detail)
+        if answer is not None:
+            self._transport.write(answer)
+        self._transport.close()  # flushes the answer first
+
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._admitted else None
+        """Half-close: keep the write side open until what was sent is answered."""
+        if not self._admitted:
+            return None
+        st = self._state
+        if st is None:
+            return None
+        st.eof = True
+        inner = self._inner
+        if st.busy:
+            if st.payload is not None and not st.payload.is_eof():
+                return None  # the body will never complete: close (the handler sees the disconnect)
+            return True  # answered by the running handler; the middleware marks the response final
+        if getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False):
+            return True  # a parsed request is about to run, or its answer is being written
+        if st.phase == "head":
+            self._reject("connection half-closed in the middle of a request head")
+            return True
+        return None  # idle: nothing to answer
 
     def pause_writing(self) -> None:
         if self._admitted:

@@ -24,6 +24,8 @@ class ServiceContext:
     nonces: NonceStore
     evidence_limiter: KeyedLimiter
     nonce_limiter: KeyedLimiter
+    #: Validator relay calls per caller (each is an outbound TLS request to the validator).
+    relay_limiter: KeyedLimiter
     measurements: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     counters: Counter[str] = field(default_factory=Counter)
@@ -36,9 +38,10 @@ class ServiceContext:
         return cls(
             cfg=cfg,
             collector=collector,
-            nonces=NonceStore(s.rint_nonce_ttl_s, s.rint_nonces_per_caller),
+            nonces=NonceStore(s.rint_nonce_ttl_s, s.rint_nonces_per_caller, max_total=s.rint_nonces_max),
             evidence_limiter=KeyedLimiter(s.evidence_rate_per_s, s.evidence_burst),
             nonce_limiter=KeyedLimiter(s.nonce_rate_per_s, s.nonce_burst),
+            relay_limiter=KeyedLimiter(s.relay_rate_per_s, s.relay_burst),
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.evidence.quote_queue import RESERVED_LANE, queue_lane
 from agent.log import get_logger
 from agent.serve.connections import ConnTracker
 from agent.serve.errors import ApiError, json_response
@@ -36,9 +37,12 @@ def _route_name(request: web.Request) -> str:
 
 def make_middleware(
     tracker: ConnTracker, *, socket_name: str, render: Renderer, max_body: int, timeout_s: float,
-    counters: Any, no_timeout: frozenset[tuple[str, str]] = frozenset(),
+    counters: Any, no_timeout: frozenset[tuple[str, str]] = frozenset(), reserved_lane: bool = False,
 ) -> Any:
     """Build the middleware for one socket; ``no_timeout`` lists (method, path) that never wait on I/O.
+
+    ``reserved_lane``: quotes requested through this socket use the quote queue's reserved capacity
+    (the compat socket, the validator's own evidence path), set per request in a context variable.
 
     The request logger is bound here, once (a concrete structlog logger, not the lazy proxy that
     re-binds on every call): logging configuration must be in place before the service starts.
@@ -49,6 +53,7 @@ def make_middleware(
     started = tracker.request_started
     finished = tracker.request_finished
     counter_keys: dict[tuple[str, int], str] = {}  # (route, status) -> counter name; both sets are small
+    counters_of = tracker.counters_of
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -57,6 +62,10 @@ def make_middleware(
         st = started(transport)
         peer = st.peer if st is not None else UNKNOWN
         request[PEER_KEY] = peer
+        if st is not None:
+            st.payload = request.content  # the tracker's receive timer watches the body arrive
+        if reserved_lane:
+            queue_lane.set(RESERVED_LANE)
         status = 500
         try:
             try:
@@ -80,12 +89,15 @@ def make_middleware(
             except TimeoutError:
                 err = ApiError(504, "timeout", f"request took longer than {timeout_s:g}s")
                 resp = json_response(render(err), 504)
+            except ConnectionError:
+                status = 499  # the caller went away (or was cut off) while its request was read
+                raise
             except Exception as exc:  # last resort: log the type, never leak a traceback to the caller
                 log.error("serve.internal_error", socket=socket_name, route=_route_name(request),
                           error_type=type(exc).__name__, exc_info=True)
                 resp = json_response(render(ApiError(500, "internal", "internal error")), 500)
             status = resp.status
-            if tracker.draining:
+            if tracker.draining or (st is not None and st.eof):
                 resp.force_close()  # no further keep-alive requests while shutting down
             return resp
         except asyncio.CancelledError:
@@ -99,6 +111,7 @@ def make_middleware(
             if key is None:
                 key = counter_keys[(route, status)] = f"{socket_name} {route} {status}"
             counters[key] += 1
+            counters_of(peer.scope)[key] += 1
             log_request("serve.request", method=request.method, route=route, status=status,
                         duration_ms=duration_ms, peer_pid=peer.pid, peer_uid=peer.uid,
                         container=peer.container or peer.pod or "")

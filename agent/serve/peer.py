@@ -1,12 +1,31 @@
-"""Who is calling: SO_PEERCRED on the connection, then the container or pod from ``/proc/<pid>/cgroup``.
+"""Who is calling: the connecting process, pinned by a pidfd, and the cgroup it runs in.
 
-Resolved once per connection (credentials cannot change on an open unix socket) and cached per pid
-for the cgroup part, so per-request logging and rate limiting cost a dict lookup, not a syscall.
+A caller must not be able to shed its identity: the scope every per-caller limit is keyed by comes
+from the cgroup (container, pod, else the cgroup path), never from something the caller chooses.
+
+- ``SO_PEERPIDFD`` (Linux >= 6.5) gives a pidfd for the process that called ``connect()``. The cgroup is
+  read from ``/proc/<pid>/cgroup`` and *afterwards* the pidfd is polled: a pidfd becomes readable when its
+  process exits, so "still running after the read" proves the file read was that process's (a pid cannot
+  be reused while its process lives).
+- Older kernels: the start time in ``/proc/<pid>/stat`` is read before and after the cgroup and must match
+  (a reused pid has a different start time). Residual gap: a pid recycled between ``connect()`` and the
+  first read is not caught there; ``SO_PEERPIDFD`` closes it.
+- A caller that cannot be identified this way (exited, e.g. connected then handed the socket to a child,
+  pid reused, /proc unreadable) lands in the one shared :data:`UNIDENTIFIED_SCOPE`, which the connection
+  tracker gives a small cap, never in a fresh per-uid scope.
+- A caller outside any container is scoped by its cgroup path (``setuid`` does not move a process out
+  of its cgroup); only processes in the root cgroup, which on a systemd host are host-level, are scoped
+  by uid.
+
+With pidfs (Linux >= 6.9) each process has its own pidfd inode number, never reused while the system
+runs, so lookups are cached by that number; otherwise nothing is cached.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import socket
 import struct
 from collections import OrderedDict
@@ -14,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _UCRED = struct.Struct("3i")
+#: SO_PEERPIDFD from <asm-generic/socket.h> (Python 3.11's socket module does not name it).
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+UNIDENTIFIED_SCOPE = "unidentified"
 
 # containerd/cri-o/docker ids are 64 hex; pods appear as kubepods...-pod<uid>.slice or /pod<uid>/.
 _CONTAINER_RE = re.compile(r"(?:cri-containerd-|crio-|docker-|libpod-|/)([0-9a-f]{64})(?:\.scope)?(?:/|$)")
@@ -22,28 +44,36 @@ _POD_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The calling process as the kernel reports it, plus the container it runs in (if any)."""
+    """The calling process as the kernel reports it, plus the container / cgroup it runs in (if known)."""
 
     pid: int
     uid: int
     gid: int
     container: str | None = None
     pod: str | None = None
-    #: The key nonces and rate limits are scoped to: container, else pod, else uid (computed once,
-    #: read on every request).
+    #: The unified (v2) cgroup path, else the name=systemd one; "" when not read.
+    cgroup: str = ""
+    #: False when the connecting process could not be pinned (exited, pid reused, /proc unreadable).
+    identified: bool = True
+    #: The key nonces and rate limits are scoped to: container, else pod, else cgroup path, else uid
+    #: (root cgroup only); "unidentified" for every caller that could not be pinned.
     scope: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.container:
+        if not self.identified:
+            scope = UNIDENTIFIED_SCOPE
+        elif self.container:
             scope = f"container:{self.container}"
         elif self.pod:
             scope = f"pod:{self.pod}"
+        elif self.cgroup and self.cgroup != "/":
+            scope = f"cgroup:{self.cgroup}"
         else:
             scope = f"uid:{self.uid}"
         object.__setattr__(self, "scope", scope)
 
 
-UNKNOWN = Peer(pid=0, uid=-1, gid=-1)
+UNKNOWN = Peer(pid=0, uid=-1, gid=-1, identified=False)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -69,32 +99,106 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     return container, pod
 
 
+def cgroup_path(text: str) -> str:
+    """The v2 ("0::") path, else the v1 name=systemd path, else the first line's path; "" if none."""
+    first = systemd = ""
+    for line in text.splitlines():
+        hid, _, rest = line.partition(":")
+        ctrl, _, path = rest.partition(":")
+        if hid == "0" and ctrl == "":
+            return path
+        if ctrl == "name=systemd":
+            systemd = path
+        first = first or path
+    return systemd or first
+
+
+_Found = tuple[str | None, str | None, str]  # container, pod, cgroup path
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _pidfs() -> bool:
+    """Pidfds have per-process inode numbers (pidfs) rather than one shared anonymous inode."""
+    try:
+        pfd = os.pidfd_open(os.getpid())
+    except (OSError, AttributeError):
+        return False
+    efd = os.eventfd(0) if hasattr(os, "eventfd") else -1
+    try:
+        return efd < 0 or os.fstat(pfd).st_ino != os.fstat(efd).st_ino
+    finally:
+        os.close(pfd)
+        if efd >= 0:
+            os.close(efd)
+
+
 class PeerResolver:
-    """Turns a connected socket into a :class:`Peer`, caching the cgroup lookup per pid (bounded LRU)."""
+    """Turns a connected socket into a :class:`Peer` (see the module docstring for how it is pinned)."""
 
     def __init__(self, proc_root: str = "/proc", cache_size: int = 4096) -> None:
         self._proc = Path(proc_root)
-        self._cache: OrderedDict[int, tuple[str | None, str | None]] = OrderedDict()
+        self._cache: OrderedDict[int, _Found] = OrderedDict()  # pidfs inode -> what was found
         self._size = cache_size
+        self._pidfd_ok = True  # cleared on the first ENOPROTOOPT (kernel < 6.5)
+        self._pidfs = _pidfs()
+        self.unidentified = 0
 
-    def cgroup_of(self, pid: int) -> tuple[str | None, str | None]:
-        hit = self._cache.get(pid)
-        if hit is not None:
-            self._cache.move_to_end(pid)
-            return hit
+    def _read_cgroup(self, pid: int) -> str | None:
         try:
-            text = (self._proc / str(pid) / "cgroup").read_text()
+            return (self._proc / str(pid) / "cgroup").read_text()
         except OSError:
-            return None, None  # process gone or /proc hidden: identify by uid only, don't cache
-        found = parse_cgroup(text)
-        self._cache[pid] = found
-        if len(self._cache) > self._size:
-            self._cache.popitem(last=False)
-        return found
+            return None
+
+    def _start_time(self, pid: int) -> str | None:
+        try:
+            stat = (self._proc / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+        # field 22 (starttime), counted after the ")" that ends the (untrusted) comm field
+        fields = stat.rpartition(")")[2].split()
+        return fields[19] if len(fields) > 19 else None
+
+    def _via_pidfd(self, sock: socket.socket, pid: int) -> _Found | bool | None:
+        """What the pidfd-pinned process's cgroup says; None: not identifiable; False: no SO_PEERPIDFD."""
+        try:
+            pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError:
+            self._pidfd_ok = False
+            return False
+        try:
+            key = os.fstat(pidfd).st_ino if self._pidfs else None
+            if key is not None:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+            text = self._read_cgroup(pid)
+            if text is None or _exited(pidfd):
+                return None
+            found = (*parse_cgroup(text), cgroup_path(text))
+            if key is not None:
+                self._cache[key] = found
+                if len(self._cache) > self._size:
+                    self._cache.popitem(last=False)
+            return found
+        finally:
+            os.close(pidfd)
+
+    def _via_start_time(self, pid: int) -> _Found | None:
+        before = self._start_time(pid)
+        text = self._read_cgroup(pid) if before is not None else None
+        if text is None or self._start_time(pid) != before:
+            return None
+        return (*parse_cgroup(text), cgroup_path(text))
 
     def forget(self, pid: int) -> None:
-        """Drop a pid's cached cgroup (its last connection closed; the pid may be reused later)."""
-        self._cache.pop(pid, None)
+        """Kept for callers of the old per-pid cache; entries are keyed by process now, not pid."""
 
     def resolve(self, sock: socket.socket | None) -> Peer:
         if sock is None or sock.family != socket.AF_UNIX:
@@ -103,5 +207,14 @@ class PeerResolver:
             pid, uid, gid = peer_credentials(sock)
         except OSError:
             return UNKNOWN
-        container, pod = self.cgroup_of(pid) if pid > 0 else (None, None)
-        return Peer(pid=pid, uid=uid, gid=gid, container=container, pod=pod)
+        found: _Found | bool | None = None
+        if pid > 0:
+            found = self._via_pidfd(sock, pid) if self._pidfd_ok else False
+            if found is False:
+                found = self._via_start_time(pid)
+        if not found:
+            self.unidentified += 1
+            return Peer(pid=pid, uid=uid, gid=gid, identified=False)
+        assert isinstance(found, tuple)
+        container, pod, path = found
+        return Peer(pid=pid, uid=uid, gid=gid, container=container, pod=pod, cgroup=path)

@@ -115,11 +115,14 @@ class Service:
         s = self.cfg.serve
         tracker = ConnTracker(PeerResolver(), name=name, max_connections=s.max_connections,
                               idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s,
-                              max_per_caller=s.max_connections_per_caller)
+                              max_per_caller=s.max_connections_per_caller,
+                              max_unidentified=s.max_connections_unidentified,
+                              reserved=s.connections_reserved_for_new_callers)
         render = compat_body if name == "compat" else chute_body
         tracker.error_body = render
         mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,
-                             timeout_s=s.request_timeout_s, counters=self.ctx.counters, no_timeout=NO_TIMEOUT)
+                             timeout_s=s.request_timeout_s, counters=self.ctx.counters, no_timeout=NO_TIMEOUT,
+                             reserved_lane=name == "compat")
         app = web.Application(middlewares=[mw], client_max_size=s.max_body_bytes)
         app[CTX_KEY] = self.ctx
         (app_compat if name == "compat" else app_chute).add_routes(app)
@@ -140,7 +143,9 @@ class Service:
 
             await asyncio.to_thread(apply_runtime_event, cfg.rtmr.sysfs_path, cfg.rtmr.event_log)
         source = make_quote_source(cfg)
-        self._queue = QuoteQueue(source, max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)
+        self._queue = QuoteQueue(source, max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s,
+                                 max_per_caller=cfg.quote.queue_per_caller,
+                                 reserved=min(cfg.quote.queue_reserved_compat, cfg.quote.queue_max - 1))
         gpu = make_gpu_source(cfg)
         collector = Collector(cfg, cert, self._queue, gpu)
         self.ctx = ServiceContext.build(cfg, collector)

@@ -55,8 +55,8 @@ async def test_status_reports_boot_measurements_queue_counters(service: Service)
     assert st["quote_source"] == "simulated"
     assert st["queue"]["depth"] == 0
     assert st["counters"]["requests"]["chute /v1/rint/nonce 200"] == 1
-    assert st["counters"]["quotes"]["ok"] >= 2  # self-check + the evidence request
-    assert st["rint"]["issued"] == 1
+    assert st["counters"]["requests"]["chute /v1/evidence 200"] == 1  # this caller's own counters only
+    assert st["rint"] == {"live_nonces": 1}
     assert st["versions"]["agent"]
 
 
@@ -212,7 +212,7 @@ async def test_rint_structural_problems_are_valid_false(service: Service) -> Non
 
 
 async def test_rint_concurrent_verifies_one_success(service: Service) -> None:
-    async with unix_client(sock(service), limit=200) as c:
+    async with unix_client(sock(service), limit=32) as c:  # serve.max_connections_per_caller
         n = await new_nonce(c)
         commitment = v4_commitment(n)
         results = await asyncio.gather(*(verify(c, n, commitment) for _ in range(1000)))

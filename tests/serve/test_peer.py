@@ -53,13 +53,16 @@ def test_resolver_uses_proc_cgroup_and_caches(tmp_path: Path) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
         peer = resolver.resolve(a)
-        assert peer == Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), container=CID, pod=POD)
+        assert peer == Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), container=CID, pod=POD,
+                            cgroup=f"/kubepods/pod{POD}/{CID}")
         assert peer.scope == f"container:{CID}"
-        cg.write_text("0::/\n")  # cached per pid until forgotten
+        cg.write_text("0::/\n")  # cached per process (its pidfd inode), which is still the same one
         assert resolver.resolve(a).container == CID
-        resolver.forget(os.getpid())
-        assert resolver.resolve(a).container is None
-        assert resolver.resolve(a).scope == f"uid:{os.getuid()}"
+        fresh = PeerResolver(proc_root=str(proc))
+        assert fresh.resolve(a).container is None
+        assert fresh.resolve(a).scope == f"uid:{os.getuid()}"  # root cgroup: host-level, scoped by uid
+        cg.write_text("0::/system.slice/foo.service\n")
+        assert PeerResolver(proc_root=str(proc)).resolve(a).scope == "cgroup:/system.slice/foo.service"
 
 
 def test_scopes_isolate_nonces() -> None:
