@@ -17,6 +17,8 @@ from agent.sim.luks_image import random_hotkey
 from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import FaithfulValidator, Fault
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 async def v(tmp_path: Path, sim_source: SimulatedQuoteSource) -> Any:
