@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chutes-attest: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(cfg.log.level, cfg.log.format)
+    from agent.commands.wiring import install_simulations
+
+    install_simulations()
     module: Any = args._module
     try:
         return int(module.run(args, cfg) or 0)

@@ -33,6 +33,10 @@ VM_COMMANDS = ("qemu-system-x86_64", "mkinitramfs", "mmdebstrap", "cryptsetup", 
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The test suite is a composition root too: it may run the simulations the CLI can enable.
+    from agent.commands.wiring import install_simulations
+
+    install_simulations()
     config.addinivalue_line("markers", "unit: pure test, any user, only the venv")
     config.addinivalue_line("markers", "integration: needs root + real system parts (loop, FUSE, cryptsetup, "
                                        "nginx, netns, swtpm)")

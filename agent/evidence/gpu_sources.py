@@ -7,11 +7,25 @@ emulation, and then a warning is logged. The emulated GPUs run behind the same p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from agent.config import AgentConfig, ConfigError
 from agent.evidence.base import GpuEvidenceSource
 from agent.log import get_logger
 
 log = get_logger(__name__)
+
+#: Installs an emulated NVML for a spec like "h100x8" and returns its handle (with ``.gpus``,
+#: ``.uninstall()``); registered by the composition root (``agent.commands.wiring``).
+GpuEmulationInstaller = Callable[[str], Any]
+_emulation_installer: GpuEmulationInstaller | None = None
+
+
+def register_gpu_emulation(installer: GpuEmulationInstaller | None) -> None:
+    """Called by the composition root only; None removes it."""
+    global _emulation_installer
+    _emulation_installer = installer
 
 
 def make_gpu_source(cfg: AgentConfig) -> GpuEvidenceSource | None:
@@ -22,10 +36,11 @@ def make_gpu_source(cfg: AgentConfig) -> GpuEvidenceSource | None:
 
     if not cfg.gpu.emulate:
         return NvmlGpuSource(cfg.gpu)
-    from agent.sim.fake_nvml import install_from_spec
-
+    if _emulation_installer is None:
+        raise ConfigError("gpu.emulate: no GPU emulation is wired into this program "
+                          "(only the chutes-attest command line enables it)")
     try:
-        fake = install_from_spec(cfg.gpu.emulate)
+        fake = _emulation_installer(cfg.gpu.emulate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     log.warning("gpu.emulated", emulate=cfg.gpu.emulate, gpus=len(fake.gpus),

@@ -1,12 +1,30 @@
-"""Pick the configured quote source. The simulated one is an explicit opt-in, never a fallback."""
+"""Pick the configured quote source. The simulated one is an explicit opt-in, never a fallback.
+
+This room never imports :mod:`agent.sim`: the composition root (:mod:`agent.commands.wiring`, run by
+``cli.main``) registers the simulated source's factory. Without that registration,
+``quote.source = "simulated"`` is a configuration error, so library users of :mod:`agent.evidence` can
+never end up on a simulation by accident.
+"""
 
 from __future__ import annotations
 
-from agent.config import AgentConfig
+from collections.abc import Callable
+
+from agent.config import AgentConfig, ConfigError
 from agent.evidence.base import QuoteSource
 from agent.log import get_logger
 
 log = get_logger(__name__)
+
+#: Builds the simulated quote source from the configuration; installed by the composition root.
+SimulatedQuoteFactory = Callable[[AgentConfig], QuoteSource]
+_simulated_factory: SimulatedQuoteFactory | None = None
+
+
+def register_simulated_quote_source(factory: SimulatedQuoteFactory | None) -> None:
+    """Called by the composition root only (``agent.commands.wiring``); None removes it."""
+    global _simulated_factory
+    _simulated_factory = factory
 
 
 def make_quote_source(cfg: AgentConfig) -> QuoteSource:
@@ -22,10 +40,11 @@ def make_quote_source(cfg: AgentConfig) -> QuoteSource:
             retry_delay_s=cfg.quote.retry_delay_s,
         )
     if kind == "simulated":
-        from agent.sim.quote_sim import SimulatedQuoteSource
-
+        if _simulated_factory is None:
+            raise ConfigError("quote.source=simulated: no simulation is wired into this program "
+                              "(only the chutes-attest command line enables it)")
         log.warning("quote.source_simulated", state_dir=cfg.quote.simulated_state_dir,
                     reason="quote.source=simulated: quotes are NOT hardware evidence and verify only "
                            "against the simulated root CA")
-        return SimulatedQuoteSource(cfg.quote.simulated_state_dir)
+        return _simulated_factory(cfg)
     raise ValueError(f"quote.source: must be one of configfs, simulated, got {kind!r}")

@@ -305,9 +305,8 @@ class Service:
 
 async def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT; the CLI's exit code."""
-    from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
     from agent.evidence.base import EvidenceError
-    from agent.exitcodes import EXIT_VERIFY_FAILED
+    from agent.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_VERIFY_FAILED
     from agent.serve.service_cert import HandoffIdentityError, ServiceCertError
     from agent.serve.sockets import SocketSetupError
 

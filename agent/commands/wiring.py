@@ -1,0 +1,34 @@
+"""Composition root: the one place that connects simulations to the rooms that may use them.
+
+``agent.evidence`` picks production sources itself and never imports :mod:`agent.sim`; it only exposes
+registration points. ``cli.main`` calls :func:`install_simulations` before a command runs, so the
+``chutes-attest`` program can honour ``quote.source = "simulated"`` and ``gpu.emulate`` (explicit
+settings, each logged as a warning), while any other importer of the library gets production sources or
+a configuration error, never a silent simulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.evidence import gpu_sources, sources
+from agent.evidence.base import QuoteSource
+
+
+def _simulated_quote_source(cfg: AgentConfig) -> QuoteSource:
+    from agent.sim.quote_sim import SimulatedQuoteSource
+
+    return SimulatedQuoteSource(cfg.quote.simulated_state_dir)
+
+
+def _install_gpu_emulation(spec: str) -> Any:
+    from agent.sim.fake_nvml import install_from_spec
+
+    return install_from_spec(spec)
+
+
+def install_simulations() -> None:
+    """Register the simulated quote source and the NVML emulation (lazy: nothing from agent.sim loads yet)."""
+    sources.register_simulated_quote_source(_simulated_quote_source)
+    gpu_sources.register_gpu_emulation(_install_gpu_emulation)
