@@ -150,6 +150,17 @@ class BootConfig:
     measure_conf: str = "/etc/tdx-measure.conf"
     rtmr3_manifest: str = "/etc/tdx-rtmr3-expected-hashes"
     resolv_conf: str = "/etc/resolv.conf"
+    #: 1.4.0 root confirm refused (non-200): root_next is removed either way; then "continue" on the old
+    #: key (sek8s code) or "poweroff" (1.4.0 changelog; default: fail closed where the two disagree).
+    root_confirm_failure: str = "poweroff"
+    #: ≥1.3 storage volumes (STORAGE_LABEL / CACHE_LABEL); each is opened as /dev/mapper/<label>.
+    storage_label: str = "storage"
+    tdx_cache_label: str = "tdx-cache"
+    #: Explicit device or image file per storage volume; empty = find it by label (blkid, then LUKS label).
+    storage_device: str = ""
+    tdx_cache_device: str = ""
+    #: Filesystem made on a first-use storage volume (only with unlock_action = "open").
+    storage_mkfs: str = "mkfs.xfs"
 
 
 @dataclass
@@ -246,6 +257,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "boot.protocol": ("auto", "1.2", "1.3", "1.4"),
     "boot.unlock_action": ("open", "test-passphrase"),
     "boot.format_pbkdf": ("argon2id", "argon2i", "pbkdf2"),
+    "boot.root_confirm_failure": ("continue", "poweroff"),
     "tpm.mode": ("auto", "off"),
     "rint.v4_nonce": ("validator", "exact"),
     "tpm.bank": ("sha1", "sha256", "sha384", "sha512"),

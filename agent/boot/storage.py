@@ -43,6 +43,7 @@ from agent.boot import blockdev
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.luks_header import HeaderSummary, LuksHeaderError
 from agent.boot.volumes import unlock_validated
+from agent.config import BootConfig
 from agent.fsutil import write_atomic
 from agent.log import Secret, get_logger
 
@@ -129,6 +130,17 @@ class StorageResult:
     confirm_body: dict[str, object]
     #: True 200, False refused, None no confirm sent (no nonce) — an unanswered confirm raises.
     confirmed: bool | None
+
+
+def settings_from_config(b: BootConfig, generation: str) -> StorageSettings:
+    """The storage settings a boot uses (``boot.*`` keys; ``generation`` "1.3" or "1.4" from the answer)."""
+    devices = {label: dev for label, dev in ((b.storage_label, b.storage_device),
+                                             (b.tdx_cache_label, b.tdx_cache_device)) if dev}
+    return StorageSettings(
+        labels=(b.storage_label, b.tdx_cache_label), devices=devices, action=b.unlock_action,
+        header_dir=b.header_dir, wait_s=b.device_wait_s, kdf=Kdf(b.format_pbkdf, b.format_pbkdf_iterations),
+        generation=generation, mkfs=b.storage_mkfs, kubeconfig_volume=b.storage_label,
+    )
 
 
 # -- discovery ------------------------------------------------------------------------------------

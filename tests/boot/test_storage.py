@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent import config
 from agent.boot import blockdev, storage
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
 from agent.boot.storage import StorageError, StorageSettings, VolumeKeys, setup_storage
@@ -407,6 +408,20 @@ async def test_storage_keys_never_in_argv(vols: dict[str, str], tmp_path: Path,
     for k in (*CUR.values(), *NXT.values()):
         assert k.encode() not in blob
     assert not list((tmp_path / "hdr").iterdir())  # header copies removed
+
+
+def test_settings_from_config() -> None:
+    cfg = config.AgentConfig()
+    cfg.boot.tdx_cache_device = "/dev/vdc"
+    cfg.boot.format_pbkdf, cfg.boot.format_pbkdf_iterations = "pbkdf2", 5000
+    s = storage.settings_from_config(cfg.boot, "1.3")
+    assert (tuple(s.labels), dict(s.devices), s.action, s.generation, s.mkfs, s.kubeconfig_volume) == (
+        ("storage", "tdx-cache"), {"tdx-cache": "/dev/vdc"}, "open", "1.3", "mkfs.xfs", "storage")
+    assert s.kdf.args() == ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "5000"]
+    assert cfg.boot.root_confirm_failure == "poweroff"
+    assert config.load(None, ["boot.root_confirm_failure=continue"], environ={}).boot.root_confirm_failure == "continue"
+    with pytest.raises(config.ConfigError, match=r"boot\.root_confirm_failure: must be one of continue, poweroff"):
+        config.load(None, ["boot.root_confirm_failure=maybe"], environ={})
 
 
 def test_cryptsetup_error_on_missing_device_is_precise(tmp_path: Path) -> None:
