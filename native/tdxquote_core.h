@@ -3,7 +3,7 @@
  *
  * tdxq_parse() validates every length field against its container and the buffer, and records
  * where each field lives (offset + length). It never dereferences a byte outside [buf, buf+len).
- * Layout reference: shared/docs/reference/tdx-quote.md section 1.
+ * Layout reference: docs/reference/tdx-quote.md section 1.
  */
 #ifndef TDXQUOTE_CORE_H
 #define TDXQUOTE_CORE_H

@@ -1,5 +1,5 @@
 """Pure-Python reference TDX quote parser, written independently of the C one from the layout tables
-in shared/docs/reference/tdx-quote.md §1, for differential testing.
+in docs/reference/tdx-quote.md §1, for differential testing.
 
 ``parse(buf)`` returns a dict with the same names as ``agent.quote.Quote`` attributes, or raises
 ``RefError(field, offset)`` naming the first failing field in the same check order as the C parser.
