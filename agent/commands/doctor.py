@@ -1,7 +1,9 @@
 """Check this VM's attestation prerequisites and say what is wrong, one line per check.
 
 tdx_guest module and device, the configfs-tsm provider, a real quote through configfs (QGS answering),
-NVML, GPU confidential-computing mode, the optional vTPM, the service certificate and both service sockets.
+NVML, GPU confidential-computing mode, the optional vTPM, the service identity (the boot's CA-signed leaf on
+1.4.0+, else the self-signed pair, and why) and both service sockets. A v5 quote is flagged: the validator
+reads v4 offsets only, so the compat socket refuses it unless ``quote.allow_v5``.
 """
 
 from __future__ import annotations
@@ -77,8 +79,14 @@ def check_quote(cfg: AgentConfig) -> Check:
         return Check("quote", "fail", "quote carries a different report_data than requested")
     sim = " (SIMULATED)" if getattr(source, "name", "") == "simulated" else ""
     debug = "; TD DEBUG bit set: validators will refuse it" if q.debug else ""
-    return Check("quote", "warn" if (sim or debug) else "ok",
-                 f"{len(raw)}-byte v{q.version} quote in {took:.2f}s from {getattr(source, 'name', '?')}{sim}{debug}")
+    detail = f"{len(raw)}-byte v{q.version} quote in {took:.2f}s from {getattr(source, 'name', '?')}{sim}{debug}"
+    if q.version != 4:
+        if not cfg.quote.allow_v5:
+            return Check("quote", "fail", f"{detail}; the validator reads v4 quotes only, so the compat socket "
+                                          "refuses every quote (quote.allow_v5 = false)")
+        return Check("quote", "warn", f"{detail}; served on the compat socket because quote.allow_v5 = true, "
+                                      "but the validator reads v4 offsets only")
+    return Check("quote", "warn" if (sim or debug) else "ok", detail)
 
 
 def check_gpus(cfg: AgentConfig) -> list[Check]:
@@ -117,13 +125,16 @@ def check_gpus(cfg: AgentConfig) -> list[Check]:
 
 
 def check_cert(cfg: AgentConfig) -> Check:
-    from agent.serve.service_cert import ServiceCertError, load_or_create
+    """Which identity report_data binds, and why: the boot hand-off leaf (1.4.0+) or the self-signed pair."""
+    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError, load_identity
 
     try:
-        cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path, create=False)
+        cert = load_identity(cfg.serve, create=False)
+    except HandoffIdentityError as exc:
+        return Check("service_cert", "fail", f"boot hand-off identity refused, the service will not start: {exc}")
     except ServiceCertError as exc:
         return Check("service_cert", "fail", f"{exc} ('chutes-attest serve' creates it on first start)")
-    return Check("service_cert", "ok", f"{cfg.serve.cert_path} SPKI sha256 {cert.spki_sha256.hex()[:16]}…")
+    return Check("service_cert", "ok", f"{cert.source}: {cert.why}; SPKI sha256 {cert.spki_sha256.hex()[:16]}…")
 
 
 def check_socket(name: str, path: str, route: str) -> Check:

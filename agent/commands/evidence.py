@@ -1,7 +1,8 @@
 """Collect a TDX quote and GPU evidence bound to a nonce, exactly as ``GET /v1/evidence`` does.
 
-REPORTDATA = nonce (32 bytes) ‖ SHA-256(SPKI of the service certificate); the GPU evidence carries the
-same nonce. Prints the /v1/evidence document with ``--json``, a short summary otherwise.
+REPORTDATA = nonce (32 bytes) ‖ SHA-256(SPKI of the service identity: the boot's CA-signed leaf on 1.4.0+,
+else the self-signed certificate); the GPU evidence carries the same nonce. Prints the /v1/evidence
+document with ``--json``, a short summary otherwise.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ async def _collect(cfg: AgentConfig, nonce: bytes, gpu_ids: list[str] | None) ->
     from agent.evidence.quote_queue import QuoteQueue
     from agent.evidence.sources import make_quote_source
     from agent.serve.collector import Collector
-    from agent.serve.service_cert import load_or_create
+    from agent.serve.service_cert import load_identity
 
-    cert = load_or_create(cfg.serve.cert_path, cfg.serve.key_path)
+    cert = load_identity(cfg.serve)  # the same identity serve binds (hand-off leaf on 1.4.0+)
     queue = QuoteQueue(make_quote_source(cfg), max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)
     try:
         return await Collector(cfg, cert, queue, make_gpu_source(cfg)).evidence(nonce, gpu_ids, caller="cli")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent.evidence.base import EvidenceError
     from agent.evidence.device_info import GpuIdError, parse_gpu_ids
     from agent.evidence.report_data import ReportDataError, parse_nonce
-    from agent.serve.service_cert import ServiceCertError
+    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError
 
     try:
         nonce = parse_nonce(args.nonce)
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         return EXIT_BAD_INPUT
     try:
         doc = asyncio.run(_collect(cfg, nonce, gpu_ids))
+    except HandoffIdentityError as exc:  # the boot's leaf is there but fails a check
+        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ServiceCertError as exc:
         print(f"chutes-attest evidence: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     else:
         print(f"nonce        {doc['nonce']}")
         print(f"report_data  {doc['report_data']}")
-        print(f"quote        {len(doc['quote'])} base64 chars")
+        print(f"quote        v{doc['quote_version']}, {len(doc['quote'])} base64 chars")
         print(f"gpu evidence {len(doc['gpu_evidence'])} item(s)")
         print(f"tpm          {'present' if doc['tpm'] else 'none'}")
     return EXIT_OK

@@ -33,7 +33,7 @@ def test_evidence_json_matches_v1_evidence_binding(short_tmp: Path, sim_dir: Pat
     r = cli(conf, "evidence", "--nonce", nonce, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"nonce", "report_data", "quote", "gpu_evidence", "certificate", "tpm"}
+    assert set(doc) == {"nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate", "tpm"}
     spki = spki_sha256_of(cfg.serve.cert_path)  # created on first use, like serve does
     assert report_data_of(base64.b64decode(doc["quote"])) == bytes.fromhex(nonce) + spki
     assert len(doc["gpu_evidence"]) == 2

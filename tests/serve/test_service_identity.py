@@ -136,3 +136,23 @@ def test_bad_handoff_never_reports_ready(short_tmp: Path, sim_dir: Path) -> None
     assert status and "mode 0644" in status[0], notify.messages
     assert "serve.start_failed" in out and "mode 0644" in out
     assert not Path(s.cert_path).exists() and not Path(s.compat_socket).exists()
+
+
+def test_doctor_says_which_identity_and_why(short_tmp: Path, sim_dir: Path) -> None:
+    from agent.commands.doctor import check_cert
+    from tests.serve.helpers import make_cfg
+
+    cfg = make_cfg(short_tmp, sim_dir)
+    s = cfg.serve
+    c = check_cert(cfg)  # nothing yet: the self-signed pair is made by serve, never by doctor
+    assert c.status == "fail" and not Path(s.cert_path).exists()
+    load_identity(s)
+    c = check_cert(cfg)
+    assert (c.status, c.detail.split(":")[0]) == ("ok", SELF_SIGNED) and "pre-1.4.0" in c.detail
+    h = write_handoff(s.handoff_cert_path, s.handoff_key_path, s.vm_root_ca_path)
+    c = check_cert(cfg)
+    assert (c.status, c.detail.split(":")[0]) == ("ok", HANDOFF) and s.vm_root_ca_path in c.detail
+    assert spki_sha256_of(str(h.cert)).hex()[:16] in c.detail
+    h.key.chmod(0o644)
+    c = check_cert(cfg)
+    assert c.status == "fail" and "will not start" in c.detail and "0644" in c.detail
