@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -237,7 +238,8 @@ def _endpoint(name: str) -> Callable[[Handler], Callable[[web.Request], Awaitabl
     def deco(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def wrapper(req: web.Request) -> web.StreamResponse:
             state: ValidatorState = req.app[STATE_KEY]
-            rec: dict[str, Any] = {"endpoint": name, "front": req.get(_FRONT), "ip": _client_ip(req)}
+            rec: dict[str, Any] = {"endpoint": name, "front": req.get(_FRONT), "ip": _client_ip(req),
+                                   "user_agent": req.headers.get("User-Agent")}
             if req.get(_LOST):
                 rec["lost_answer"] = req[_LOST]
             state.events.append(rec)
@@ -295,19 +297,41 @@ def _client_cert(req: web.Request, rec: dict[str, Any]) -> x509.Certificate:
     return cert
 
 
+@dataclass(frozen=True)
+class _V4View:
+    """What the validator reads: the TD report at the fixed v4 offset 48, whatever the header says (§3.4)."""
+
+    mr_td: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    report_data: bytes
+
+    @classmethod
+    def of(cls, raw: bytes) -> _V4View:
+        td = raw[48:632]
+        r = [td[328 + 48 * i: 376 + 48 * i] for i in range(4)]
+        return cls(td[136:184], r[0], r[1], r[2], r[3], td[520:584])
+
+
 def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x509.Certificate,
-                    rec: dict[str, Any]) -> Any:
-    """Decode, bind (nonce ‖ SPKI hash of the presented cert), verify, refuse DEBUG."""
+                    rec: dict[str, Any]) -> _V4View:
+    """Decode, bind (nonce ‖ SPKI hash of the presented cert), verify, refuse DEBUG, cross-check the v4 read."""
     from agent.evidence.report_data import spki_sha256
     from agent.quote import QuoteError, parse_quote, verify_quote
 
     try:
-        q = parse_quote(base64.b64decode(quote_b64, validate=True))
+        raw = base64.b64decode(quote_b64, validate=True)
+        q = parse_quote(raw)
     except (binascii.Error, ValueError, QuoteError) as exc:
         raise _Refuse(400, f"Invalid quote: {type(exc).__name__}") from None
-    rd = bytes(q.report_data)
-    rec["report_data_nonce_match"] = rd[:32].hex() == nonce.lower()
-    rec["cert_hash_match"] = rd[32:] == spki_sha256(cert)
+    rec["quote_version"] = q.version
+    if q.version not in (4, 5) or q.tee_type != 0x81 or len(raw) < 632:
+        raise _Refuse(400, "Invalid quote: not a TDX v4/v5 quote")
+    view = _V4View.of(raw)
+    rec["report_data_nonce_match"] = view.report_data[:32].hex() == nonce.lower()
+    rec["cert_hash_match"] = view.report_data[32:] == spki_sha256(cert)
     if not rec["report_data_nonce_match"]:
         raise _Refuse(400, "Quote report_data does not match the nonce")
     if not rec["cert_hash_match"]:
@@ -319,8 +343,11 @@ def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x50
         raise _Refuse(403, f"Quote verification failed ({failed})")
     if q.debug:
         raise _Refuse(403, "TD debug mode is enabled")
-    rec["rtmr3_zero"] = bytes(q.rtmr3) == bytes(48)
-    return q
+    verified = (bytes(q.mr_td), bytes(q.rtmr0), bytes(q.rtmr1), bytes(q.rtmr2), bytes(q.rtmr3))
+    if verified != (view.mr_td, view.rtmr0, view.rtmr1, view.rtmr2, view.rtmr3):
+        raise _Refuse(403, "Quote measurements differ from the verified report")
+    rec["rtmr3_zero"] = view.rtmr3 == bytes(48)
+    return view
 
 
 def _match(state: ValidatorState, q: Any, rec: dict[str, Any], *, runtime: bool) -> MeasurementSet:

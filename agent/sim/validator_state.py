@@ -219,6 +219,8 @@ class _Vm:
             for s in (vk.current, vk.pending):
                 if s is not None:
                     s.wipe()
+        if self.vm_auth is not None:
+            self.vm_auth.wipe()
 
 
 def new_passphrase() -> Secret:

@@ -551,3 +551,38 @@ async def test_new_faults(make_rig: RigFactory) -> None:
     assert redirect and redirect[0]["fault_target"] == "attestation"
     with pytest.raises(ValueError, match="endpoint"):
         v.inject("provison", Fault("drop"))
+
+
+def v5_quote(src: SimulatedQuoteSource, report_data: bytes) -> bytes:
+    """The simulated v4 quote re-framed as a v5 quote (body type 2, TDX 1.0 body) and re-signed."""
+    import struct
+
+    from agent.sim import quote_sim
+
+    v4 = src.get_quote(report_data)
+    header = bytearray(v4[:48])
+    struct.pack_into("<H", header, 0, 5)
+    signed = bytes(header) + struct.pack("<HI", 2, 584) + v4[48:632]
+    (sig_len,) = struct.unpack_from("<I", v4, 632)
+    att_key = src._att_key  # the source's private attestation key (test-only reach-in)
+    sig_data = quote_sim._raw_sig(att_key, signed) + quote_sim._raw_pubkey(att_key) + v4[636 + 128: 636 + sig_len]
+    return signed + struct.pack("<I", len(sig_data)) + sig_data
+
+
+async def test_v5_quote_is_read_at_v4_offsets_and_refused(make_rig: RigFactory) -> None:
+    """The validator slices the TD report at the v4 offset: a valid v5 quote binds nothing it can read."""
+    from agent.quote import parse_quote, verify_quote
+
+    r = await make_rig("1.4")
+    async with session(r.v, r.ident) as s:
+        nonce = await r.nonce(s, r.v.cvm_url)
+        raw = v5_quote(r.boot_q, build_report_data(nonce, r.ident.cert))
+        q = parse_quote(raw)
+        assert q.version == 5 and verify_quote(q, r.boot_q.root_ca_pem).ok  # a valid quote, by our own parser
+        assert bytes(q.report_data) == build_report_data(nonce, r.ident.cert)
+        body = compact({"quote": base64.b64encode(raw).decode(), "vm_name": VM, "miner_hotkey": r.ss58,
+                        "first_boot": True})
+        status, resp = await call(s, "POST", f"{r.v.cvm_url}/servers/boot/attestation", body,
+                                  {"X-Chutes-Nonce": nonce, **proof_headers(r.hotkey, nonce, body)})
+    assert (status, resp["detail"]) == (400, "Quote report_data does not match the nonce")
+    assert r.v.attestations()[-1]["quote_version"] == 5
