@@ -168,8 +168,8 @@ class ConnTracker:
                     continue
                 why = "request body not received in time"
             elif st.eof:
-                inner = getattr(transport.get_protocol(), "_inner", None)
-                if getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False):
+                if _pending(getattr(transport.get_protocol(), "_inner", None), st) and \
+                        now - st.since <= self.idle_timeout_s:
                     continue
                 transport.close()  # half-closed and everything it sent has been answered
                 continue
@@ -271,6 +271,12 @@ def _json_protocol_error(socket_name: str, render: Callable[[ApiError], dict[str
     return handle_error
 
 
+def _pending(inner: Any, st: ConnState) -> bool:
+    """aiohttp has parsed a request the middleware has not seen yet, or is still writing an answer."""
+    return bool(getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False)
+                or getattr(inner, "_request_count", 0) > st.requests)
+
+
 def _http09(data: bytes) -> bool:
     """The first line of a request is "METHOD target" with no HTTP version (HTTP/0.9 style)."""
     nl = data.find(b"\n")
@@ -334,7 +340,7 @@ class _TrackedProtocol(asyncio.Protocol):
             if st.payload is not None and not st.payload.is_eof():
                 return None  # the body will never complete: close (the handler sees the disconnect)
             return True  # answered by the running handler; the middleware marks the response final
-        if getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False):
+        if _pending(inner, st):
             return True  # a parsed request is about to run, or its answer is being written
         if st.phase == "head":
             self._reject("connection half-closed in the middle of a request head")
