@@ -44,13 +44,15 @@ class RotationError(Exception):
     """Root rotation cannot go on safely: the boot must fail closed (``TDX-LUKS-UNLOCK-FAILED``).
 
     ``step`` names where (keyslots, add_key, confirm, kill_slot, remove_key); ``keys`` says which keys
-    open the disk now ("old", "new", "old+new"), for the operator and the tests.
+    open the disk now ("old", "new", "old+new"), for the operator and the tests; ``detail`` the reason text.
     """
+
+    reason = "root_rotation"
 
     def __init__(self, step: str, reason: str, keys: str) -> None:
         super().__init__(f"root rotation, {step}: {reason} (disk opens with: {keys} key)")
         self.step = step
-        self.reason = reason
+        self.detail = reason
         self.keys = keys
 
 

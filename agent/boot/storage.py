@@ -63,6 +63,8 @@ class StorageError(Exception):
     """A storage volume cannot be set up safely: fail closed with ``marker`` (default
     ``STORAGE-SETUP-FAILED``). ``str()`` is the reason; :meth:`line` the console/kmsg line."""
 
+    reason = "storage_setup"
+
     def __init__(self, reason: str, volume: str | None = None, marker: str = MARKER) -> None:
         super().__init__(f"{volume}: {reason}" if volume else reason)
         self.volume = volume
