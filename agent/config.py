@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.errors import UsageError
+
 DEFAULT_PATH = Path("/etc/chutes-attest/agent.toml")
 ENV_PREFIX = "CHUTES_ATTEST_"
 CONFIG_PATH_ENV = "CHUTES_ATTEST_CONFIG"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is unknown, of the wrong type, or out of range."""
 
 

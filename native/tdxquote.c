@@ -295,6 +295,31 @@ add_tuple(PyObject *m, const char *attr, const char *const *names, size_t n)
     return rc;
 }
 
+/* QuoteError derives from the project's error root (agent.errors.BadInputError: exit code 4, stable
+ * reason "bad_input") and from ValueError, so callers may catch either. */
+static PyObject *
+new_quote_error(void)
+{
+    PyObject *errors, *base, *bases, *exc = NULL;
+
+    errors = PyImport_ImportModule("agent.errors");
+    if (errors == NULL)
+        return NULL;
+    base = PyObject_GetAttrString(errors, "BadInputError");
+    Py_DECREF(errors);
+    if (base == NULL)
+        return NULL;
+    bases = PyTuple_Pack(2, base, PyExc_ValueError);
+    Py_DECREF(base);
+    if (bases == NULL)
+        return NULL;
+    exc = PyErr_NewExceptionWithDoc(
+        "agent.quote._tdxquote.QuoteError",
+        "Malformed TDX quote; .field and .offset name the offending field.", bases, NULL);
+    Py_DECREF(bases);
+    return exc;
+}
+
 static int
 tdxquote_exec(PyObject *m)
 {
@@ -303,9 +328,7 @@ tdxquote_exec(PyObject *m)
     st->quote_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Quote_spec, NULL);
     if (st->quote_type == NULL)
         return -1;
-    st->quote_error = PyErr_NewExceptionWithDoc(
-        "agent.quote._tdxquote.QuoteError",
-        "Malformed TDX quote; .field and .offset name the offending field.", PyExc_ValueError, NULL);
+    st->quote_error = new_quote_error();
     if (st->quote_error == NULL)
         return -1;
     if (PyModule_AddObjectRef(m, "QuoteError", st->quote_error) < 0 ||

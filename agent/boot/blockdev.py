@@ -12,8 +12,10 @@ import stat
 import subprocess
 import time
 
+from agent.errors import UnavailableError
 
-class DeviceError(Exception):
+
+class DeviceError(UnavailableError):
     """A device is missing or cannot be mounted."""
 
 

@@ -13,16 +13,21 @@ from pathlib import Path
 
 from agent.boot import blockdev
 from agent.boot.names import InvalidNameError, sanitize_vm_name, validate_hotkey
+from agent.errors import BadInputError
+from agent.exitcodes import EXIT_UNAVAILABLE
 
 MAX_FILE = 64 * 1024
 FILES = ("hostname", "miner-ss58", "network-config.yaml")
 
 
-class ConfigVolumeError(Exception):
+class ConfigVolumeError(BadInputError):
     """The config volume is missing, unreadable, or holds invalid values (message names the file)."""
 
+    reason = "config_volume"
+
     def __init__(self, message: str, *, missing: bool = False) -> None:
-        super().__init__(message)
+        # A missing volume is an unavailable device (exit 5); a bad value is malformed input (exit 4).
+        super().__init__(message, exit_code=EXIT_UNAVAILABLE if missing else None)
         self.missing = missing
 
 

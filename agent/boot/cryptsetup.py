@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.errors import AgentError
 from agent.log import Secret
 
 TIMEOUT_S = 300.0
@@ -30,7 +31,7 @@ EXIT_WRONG_KEY = 2
 FIRST_BOOT_TOKEN = 15
 
 
-class CryptsetupError(Exception):
+class CryptsetupError(AgentError):
     def __init__(self, op: str, returncode: int, stderr: str) -> None:
         msg = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {returncode}"
         super().__init__(f"cryptsetup {op}: {msg}")

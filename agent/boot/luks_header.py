@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.errors import VerificationError
+
 LUKS2_MAGIC_1 = b"LUKS\xba\xbe"
 LUKS2_MAGIC_2 = b"SKUL\xba\xbe"
 #: Approved data ciphers (cipher-chainmode-ivmode as cryptsetup writes it).
@@ -32,7 +34,7 @@ BENIGN_FLAGS = frozenset({"allow-discards", "same-cpu-crypt", "submit-from-crypt
 MIN_PBKDF2_ITERATIONS = 1000
 
 
-class LuksHeaderError(Exception):
+class LuksHeaderError(VerificationError):
     """The header is refused; the message names the offending field."""
 
 
@@ -48,6 +50,8 @@ class HeaderSummary:
     keyslots: list[str] = field(default_factory=list)
     key_size: int = 0
     json_sha256: str = ""
+    #: The first-boot token 15 is present (1.4.0 images before their first boot).
+    first_boot_token: bool = False
 
 
 def check_binary_header(head: bytes) -> tuple[int, str, str]:
@@ -103,13 +107,19 @@ def _check_kdf(kdf: Any, where: str) -> None:
             raise LuksHeaderError(f"{where}.kdf.iterations: below {MIN_PBKDF2_ITERATIONS}")
 
 
-def validate_metadata(meta: dict[str, Any], head: bytes | None = None) -> HeaderSummary:
-    """Apply the policy to the JSON metadata (and the binary header, when given)."""
-    uuid = label = ""
-    if head is not None:
-        _, uuid, label = check_binary_header(head)
-    if not isinstance(meta, dict):
-        raise LuksHeaderError("metadata: not a JSON object")
+#: The LUKS2 default header area (metadata + keyslots) that cryptsetup reserves, and the images are made with.
+DEFAULT_DATA_OFFSET = 16 * 1024 * 1024
+#: Token 15 as a 1.4.0 image build writes it: marks the first boot; removed after the first open.
+FIRST_BOOT_TOKEN_ID = "15"  # noqa: S105 (a LUKS token id, not a password)
+FIRST_BOOT_TOKEN_TYPE = "chutes-first-boot"  # noqa: S105
+
+
+def _check_segments(meta: dict[str, Any], data_offset: int) -> tuple[str, int]:
+    """Exactly one ``crypt`` segment, approved cipher, and the data window pinned: offset, size, iv_tweak.
+
+    The host writes the header, so without the pin it could shift the window (offset, iv_tweak) and
+    choose which bytes of the volume the VM sees as its disk.
+    """
     segments = meta.get("segments")
     if not isinstance(segments, dict) or len(segments) != 1 or "0" not in segments:
         n = len(segments) if isinstance(segments, dict) else 0
@@ -126,41 +136,62 @@ def validate_metadata(meta: dict[str, Any], head: bytes | None = None) -> Header
     sector = _int(seg.get("sector_size"), "segments.0.sector_size")
     if sector not in APPROVED_SECTOR_SIZES:
         raise LuksHeaderError(f"segments.0.sector_size: {sector} not approved")
-    if _int(seg.get("offset"), "segments.0.offset") < 4096 * 2:
+    offset = _int(seg.get("offset"), "segments.0.offset")
+    if offset < 4096 * 2:
         raise LuksHeaderError("segments.0.offset: data would overlap the header")
+    if offset != data_offset:
+        raise LuksHeaderError(f"segments.0.offset: {offset}, expected {data_offset} (boot.luks_data_offset: "
+                              "the header area the image was made with)")
+    if seg.get("size") != "dynamic":
+        raise LuksHeaderError(f"segments.0.size: {seg.get('size')!r}, expected 'dynamic'")
+    if seg.get("iv_tweak") != "0":
+        raise LuksHeaderError(f"segments.0.iv_tweak: {seg.get('iv_tweak')!r}, expected '0'")
     if seg.get("flags"):
         raise LuksHeaderError(f"segments.0.flags: unexpected {seg.get('flags')!r}")
+    return cipher, sector
 
+
+def _check_keyslot(ks_id: str, ks: Any) -> int:
+    """One keyslot: luks2, approved sizes, raw area with an approved cipher, AF splitter, KDF; its key size."""
+    where = f"keyslots.{ks_id}"
+    if not isinstance(ks, dict) or ks.get("type") != "luks2":
+        raise LuksHeaderError(f"{where}.type: expected 'luks2'")
+    ksz = _int(ks.get("key_size"), f"{where}.key_size")
+    if ksz not in APPROVED_KEY_SIZES:
+        raise LuksHeaderError(f"{where}.key_size: {ksz} bytes not approved")
+    area = ks.get("area")
+    if not isinstance(area, dict) or area.get("type") != "raw":
+        raise LuksHeaderError(f"{where}.area.type: expected 'raw'")
+    if not _one_of(area.get("encryption"), APPROVED_CIPHERS):
+        raise LuksHeaderError(f"{where}.area.encryption: {area.get('encryption')!r} not approved")
+    if _int(area.get("key_size"), f"{where}.area.key_size") not in APPROVED_KEY_SIZES:
+        raise LuksHeaderError(f"{where}.area.key_size: not approved")
+    af = ks.get("af")
+    if not isinstance(af, dict) or af.get("type") != "luks1" or not _one_of(af.get("hash"), APPROVED_HASHES):
+        raise LuksHeaderError(f"{where}.af: expected luks1 anti-forensic splitter with an approved hash")
+    if _int(af.get("stripes"), f"{where}.af.stripes") != 4000:
+        raise LuksHeaderError(f"{where}.af.stripes: expected 4000")
+    _check_kdf(ks.get("kdf"), where)
+    if ks.get("priority") is not None and _int(ks.get("priority"), f"{where}.priority") not in (1, 2):
+        raise LuksHeaderError(f"{where}.priority: unexpected value")
+    return ksz
+
+
+def _check_keyslots(meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
     keyslots = meta.get("keyslots")
     if not isinstance(keyslots, dict) or not keyslots:
         raise LuksHeaderError("keyslots: none")
     key_size = 0
     for ks_id, ks in keyslots.items():
-        where = f"keyslots.{ks_id}"
-        if not isinstance(ks, dict) or ks.get("type") != "luks2":
-            raise LuksHeaderError(f"{where}.type: expected 'luks2'")
-        ksz = _int(ks.get("key_size"), f"{where}.key_size")
-        if ksz not in APPROVED_KEY_SIZES:
-            raise LuksHeaderError(f"{where}.key_size: {ksz} bytes not approved")
+        ksz = _check_keyslot(ks_id, ks)
         if key_size and ksz != key_size:
-            raise LuksHeaderError(f"{where}.key_size: keyslots disagree on the volume key size")
+            raise LuksHeaderError(f"keyslots.{ks_id}.key_size: keyslots disagree on the volume key size")
         key_size = ksz
-        area = ks.get("area")
-        if not isinstance(area, dict) or area.get("type") != "raw":
-            raise LuksHeaderError(f"{where}.area.type: expected 'raw'")
-        if not _one_of(area.get("encryption"), APPROVED_CIPHERS):
-            raise LuksHeaderError(f"{where}.area.encryption: {area.get('encryption')!r} not approved")
-        if _int(area.get("key_size"), f"{where}.area.key_size") not in APPROVED_KEY_SIZES:
-            raise LuksHeaderError(f"{where}.area.key_size: not approved")
-        af = ks.get("af")
-        if not isinstance(af, dict) or af.get("type") != "luks1" or not _one_of(af.get("hash"), APPROVED_HASHES):
-            raise LuksHeaderError(f"{where}.af: expected luks1 anti-forensic splitter with an approved hash")
-        if _int(af.get("stripes"), f"{where}.af.stripes") != 4000:
-            raise LuksHeaderError(f"{where}.af.stripes: expected 4000")
-        _check_kdf(ks.get("kdf"), where)
-        if ks.get("priority") is not None and _int(ks.get("priority"), f"{where}.priority") not in (1, 2):
-            raise LuksHeaderError(f"{where}.priority: unexpected value")
+    return keyslots, key_size
 
+
+def _check_digests(meta: dict[str, Any], keyslots: dict[str, Any]) -> None:
+    """pbkdf2 digests over segment 0 that cover the keyslots one to one."""
     digests = meta.get("digests")
     if not isinstance(digests, dict) or not digests:
         raise LuksHeaderError("digests: none")
@@ -178,11 +209,24 @@ def validate_metadata(meta: dict[str, Any], head: bytes | None = None) -> Header
     if covered != set(keyslots):
         raise LuksHeaderError("digests: keyslots and digests do not match one to one")
 
+
+def _check_tokens(meta: dict[str, Any], allow_first_boot_token: bool) -> bool:
+    """No tokens, except (when allowed) the first-boot marker token 15 bound to no keyslot; True if present."""
     tokens = meta.get("tokens")
     if tokens is not None and not isinstance(tokens, dict):
         raise LuksHeaderError("tokens: not an object")
+    tokens = dict(tokens or {})
+    first = tokens.pop(FIRST_BOOT_TOKEN_ID, None) if allow_first_boot_token else None
+    if first is not None and (not isinstance(first, dict) or first.get("type") != FIRST_BOOT_TOKEN_TYPE
+                              or first.get("keyslots") != []):
+        raise LuksHeaderError(f"tokens.{FIRST_BOOT_TOKEN_ID}: expected a {FIRST_BOOT_TOKEN_TYPE!r} token bound "
+                              "to no keyslot")
     if tokens:
         raise LuksHeaderError(f"tokens: {len(tokens)} token(s) present, none expected")
+    return first is not None
+
+
+def _check_config(meta: dict[str, Any]) -> None:
     config = meta.get("config") or {}
     if not isinstance(config, dict):
         raise LuksHeaderError("config: not an object")
@@ -195,5 +239,20 @@ def validate_metadata(meta: dict[str, Any], head: bytes | None = None) -> Header
     if config.get("requirements"):
         raise LuksHeaderError(f"config.requirements: {config.get('requirements')!r} (e.g. reencryption) not allowed")
 
+
+def validate_metadata(meta: dict[str, Any], head: bytes | None = None, *, data_offset: int = DEFAULT_DATA_OFFSET,
+                      allow_first_boot_token: bool = False) -> HeaderSummary:
+    """Apply the policy to the JSON metadata (and the binary header, when given), section by section."""
+    uuid = label = ""
+    if head is not None:
+        _, uuid, label = check_binary_header(head)
+    if not isinstance(meta, dict):
+        raise LuksHeaderError("metadata: not a JSON object")
+    cipher, sector = _check_segments(meta, data_offset)
+    keyslots, key_size = _check_keyslots(meta)
+    _check_digests(meta, keyslots)
+    first_boot = _check_tokens(meta, allow_first_boot_token)
+    _check_config(meta)
     canon = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    return HeaderSummary(2, uuid, label, cipher, sector, sorted(keyslots), key_size, hashlib.sha256(canon).hexdigest())
+    return HeaderSummary(2, uuid, label, cipher, sector, sorted(keyslots), key_size,
+                         hashlib.sha256(canon).hexdigest(), first_boot)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from agent.errors import BadInputError
+
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_INDEX = {c: i for i, c in enumerate(_B58)}
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_-]")
@@ -16,7 +18,7 @@ MAX_VM_NAME = 63
 MAX_HOTKEY = 64
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(BadInputError, ValueError):
     """A host-supplied name is unusable; the message names the file/field."""
 
 

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.boot.cryptsetup import FIRST_BOOT_TOKEN, Cryptsetup, CryptsetupError, Kdf
+from agent.errors import AgentError
 from agent.log import Secret, get_logger
 
 log = get_logger(__name__)
@@ -40,7 +41,7 @@ DEFAULT_CONFIRM_FAILURE = "poweroff"
 ConfirmFn = Callable[[], Awaitable[bool]]
 
 
-class RotationError(Exception):
+class RotationError(AgentError):
     """Root rotation cannot go on safely: the boot must fail closed (``TDX-LUKS-UNLOCK-FAILED``).
 
     ``step`` names where (keyslots, add_key, confirm, kill_slot, remove_key); ``keys`` says which keys

@@ -44,6 +44,7 @@ from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.luks_header import HeaderSummary, LuksHeaderError
 from agent.boot.volumes import unlock_validated
 from agent.config import BootConfig
+from agent.errors import AgentError
 from agent.fsutil import write_atomic
 from agent.log import Secret, get_logger
 
@@ -59,7 +60,7 @@ ConfirmFn = Callable[[dict[str, object]], Awaitable[bool]]
 ExtendFn = Callable[[bytes], None]
 
 
-class StorageError(Exception):
+class StorageError(AgentError):
     """A storage volume cannot be set up safely: fail closed with ``marker`` (default
     ``STORAGE-SETUP-FAILED``). ``str()`` is the reason; :meth:`line` the console/kmsg line."""
 

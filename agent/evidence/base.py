@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from agent.errors import AgentError
+
 REPORT_DATA_LEN = 64
 
 
-class EvidenceError(Exception):
+class EvidenceError(AgentError):
     """Base class for evidence failures; ``str(exc)`` is a one-line, operator-readable reason."""
 
 

@@ -18,6 +18,7 @@ import secrets
 import time
 
 from agent.evidence.base import REPORT_DATA_LEN, QuoteSourceError
+from agent.exitcodes import EXIT_UNAVAILABLE
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +39,9 @@ _ERRNO_HINTS = {
 
 class TsmUnavailableError(QuoteSourceError):
     """configfs-tsm is not there at all (no TDX guest, old kernel, configfs not mounted)."""
+
+    exit_code = EXIT_UNAVAILABLE
+    reason = "unavailable"
 
 
 class _Retry(Exception):

@@ -11,12 +11,14 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from agent.errors import BadInputError
+
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _DASHED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_GPU_IDS = 64
 
 
-class GpuIdError(ValueError):
+class GpuIdError(BadInputError, ValueError):
     """A ``gpu_ids`` value is not a GPU UUID (the message names the value); maps to HTTP 400."""
 
 

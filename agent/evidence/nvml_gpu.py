@@ -29,6 +29,7 @@ import pynvml
 from agent.config import GpuConfig
 from agent.evidence.base import GpuEvidenceError
 from agent.evidence.device_info import device_info, parse_gpu_ids, select_indices
+from agent.exitcodes import EXIT_UNAVAILABLE
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +44,9 @@ _MULTI_GPU = {0: "none", 1: "protected_pcie", 2: "nvle"}
 
 class GpuUnavailableError(GpuEvidenceError):
     """No usable NVML on this machine (library missing, driver not loaded)."""
+
+    exit_code = EXIT_UNAVAILABLE
+    reason = "unavailable"
 
 
 class GpuTimeoutError(GpuEvidenceError):

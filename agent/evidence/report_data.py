@@ -15,12 +15,14 @@ import re
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agent.errors import BadInputError
+
 NONCE_LEN = 32
 REPORT_DATA_LEN = 64
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-class ReportDataError(ValueError):
+class ReportDataError(BadInputError, ValueError):
     """A nonce or certificate cannot be turned into REPORTDATA; the message names the field."""
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.errors import AgentError
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -35,7 +36,7 @@ DIGEST_LEN = 48
 ZERO = bytes(DIGEST_LEN)
 
 
-class RtmrError(Exception):
+class RtmrError(AgentError):
     """The register could not be extended, or it disagrees with the event log."""
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.errors import BadInputError
+
 REQUEST_LEN = 37
 NONCE_LEN = 32
 SIGNATURE_LEN = 96  # ECDSA P-384 raw r || s
@@ -60,7 +62,7 @@ OPAQUE_CODES: dict[str, int] = {v: k for k, v in OPAQUE_TYPES.items()}
 FEATURE_FLAGS = {0: "SPT", 1: "MPT", 2: "PPCIE"}
 
 
-class SpdmParseError(ValueError):
+class SpdmParseError(BadInputError, ValueError):
     """The report is truncated or malformed; ``field`` names the offending field."""
 
     def __init__(self, field_name: str, problem: str) -> None:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.checks import Check, CheckResult
+from agent.errors import BadInputError
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -46,7 +47,7 @@ NOT_CHECKED = ("ak_binding", "ek_chain", "pcr_policy", "event_log")
 REQUIRED_FIELDS = ("attest", "signature", "pcrs", "ak_public")
 
 
-class TpmParseError(ValueError):
+class TpmParseError(BadInputError, ValueError):
     """A TPM structure is malformed; the message names the field."""
 
 

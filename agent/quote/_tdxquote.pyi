@@ -2,10 +2,12 @@
 
 from typing_extensions import Buffer
 
+from agent.errors import BadInputError
+
 BYTES_FIELDS: tuple[str, ...]
 INT_FIELDS: tuple[str, ...]
 
-class QuoteError(ValueError):
+class QuoteError(BadInputError, ValueError):
     field: str
     offset: int
 

@@ -10,12 +10,14 @@ import json
 
 from aiohttp import web
 
+from agent.errors import AgentError
 
-class ApiError(Exception):
+
+class ApiError(AgentError):
     """A request failed with a known status, a stable machine code and a one-line reason."""
 
     def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
+        super().__init__(detail, reason=code)
         self.status = status
         self.code = code
         self.detail = detail

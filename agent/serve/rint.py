@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
+from agent.errors import BadInputError
 from agent.serve.errors import ApiError
 
 NONCE_BYTES = 16
@@ -116,7 +117,7 @@ def ed25519_strict_problem(pubkey: bytes, signature: bytes) -> str | None:
     return None
 
 
-class CommitmentFormatError(ValueError):
+class CommitmentFormatError(BadInputError, ValueError):
     """The commitment is hex of the wrong length/prefix/version; ``reason`` is a stable code."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import AgentConfig
+from agent.errors import UnavailableError
 from agent.log import get_logger
 from agent.serve import app_chute, app_compat
 from agent.serve.collector import Collector
@@ -48,7 +49,7 @@ GC_GEN0_THRESHOLD = 7000
 WEDGE_GRACE_S = 5.0
 
 
-class SelfCheckError(RuntimeError):
+class SelfCheckError(UnavailableError, RuntimeError):
     """The start-up self-check failed; the service must not report ready."""
 
 

@@ -8,10 +8,12 @@ import socket
 import stat
 from pathlib import Path
 
+from agent.errors import UnavailableError
+
 BACKLOG = 1024
 
 
-class SocketSetupError(RuntimeError):
+class SocketSetupError(UnavailableError, RuntimeError):
     """A socket path cannot be bound (occupied by a non-socket, bad group, permissions)."""
 
 

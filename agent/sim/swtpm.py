@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.errors import UnavailableError
+
 SWTPM = "swtpm"
 SWTPM_SETUP = "swtpm_setup"
 SWTPM_LOCALCA = "/usr/bin/swtpm_localca"
@@ -27,7 +29,7 @@ LOCALCA_OPTIONS = "/etc/swtpm-localca.options"
 HOST = "127.0.0.1"
 
 
-class SwtpmError(RuntimeError):
+class SwtpmError(UnavailableError, RuntimeError):
     """swtpm could not be set up or started (message carries the tool's output)."""
 
 

@@ -27,13 +27,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.errors import UnavailableError
+
 DROP_STATUS = 599
 PROXY_AUTH_HEADER = "X-Attestation-Proxy-Auth"
 CVM_AUTH_HEADER = "X-Cvm-Proxy-Auth"
 FRONT_AUTH_HEADER = "X-Sim-Front-Auth"  # sim only: proves a request crossed one of our fronts
 
 
-class NginxUnavailable(RuntimeError):
+class NginxUnavailable(UnavailableError, RuntimeError):
     """nginx is not installed (``scripts/install-deps.sh`` installs nginx-light)."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from agent.errors import AgentError
 
-class ValidatorError(Exception):
+
+class ValidatorError(AgentError):
     """Base class; ``str(exc)`` is one operator-readable line without any secret."""
 
 
@@ -19,6 +21,14 @@ class ValidatorHTTPError(ValidatorError):
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
+
+
+class ValidatorRedirectError(ValidatorHTTPError):
+    """The validator answered 3xx. Never followed: the next hop could be plain http or another host."""
+
+    def __init__(self, endpoint: str, status: int, location_host: str) -> None:
+        super().__init__(endpoint, status, f"redirect to {location_host} refused, never followed")
+        self.location_host = location_host
 
 
 class ValidatorTransportError(ValidatorError):

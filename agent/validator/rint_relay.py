@@ -9,25 +9,29 @@ redirects are followed, the whole exchange is time-bounded, and the token is nev
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from agent.errors import AgentError
 from agent.log import Secret, get_logger
+from agent.validator.transport import BodyError, client_context, read_body
 
 log = get_logger(__name__)
 
 _PATH = re.compile(r"/instances/launch_config/[A-Za-z0-9_-]{1,128}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
 MAX_TOKEN_BYTES = 8192
+#: A rint nonce answer is 32 hex (quoted, maybe a newline); anything near this cap is not one.
+MAX_ANSWER_BYTES = 1024
 
 
-class RelayError(Exception):
+class RelayError(AgentError):
     """The relay refused or failed; ``status``/``code`` map straight to the HTTP answer."""
 
     def __init__(self, status: int, code: str, detail: str) -> None:
@@ -95,29 +99,78 @@ def check_target(url: str, allowed_hosts: list[str]) -> Target:
     return Target(url=f"{base}/nonce", host=host, port=port)
 
 
-def _ssl_context(ca_bundle: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_bundle or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+class RelayClient:
+    """One ClientSession (one connection pool) for the service's lifetime: no TLS handshake per relay call.
+
+    Bound to the event loop it was made on; :func:`shared_client` hands out one per (loop, CA bundle).
+    """
+
+    def __init__(self, ca_bundle: str = "", *, limit_per_host: int = 4, keepalive_s: float = 30.0) -> None:
+        connector = aiohttp.TCPConnector(
+            ssl=client_context(ca_bundle), limit=16, limit_per_host=limit_per_host, keepalive_timeout=keepalive_s,
+        )
+        self.session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self.loop = asyncio.get_running_loop()
+
+    async def get(self, target: Target, token_text: str, timeout_s: float) -> tuple[int, bytes]:
+        """``GET target.url``; never follows a redirect; the body read to its framed end (1 KiB cap)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        for attempt in (1, 2):
+            try:
+                async with self.session.get(
+                    target.url, headers={"Authorization": token_text}, allow_redirects=False, timeout=timeout,
+                ) as resp:
+                    if 300 <= resp.status < 400:
+                        return resp.status, b""
+                    try:
+                        return resp.status, await read_body(resp, MAX_ANSWER_BYTES)
+                    except BodyError as exc:
+                        raise RelayError(502, "validator_error", f"validator {target.host}: {exc}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A pooled keep-alive connection the validator already closed: once more on a fresh one
+                # (GET, no side effect until the validator answers).
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+_SHARED: dict[tuple[int, str], RelayClient] = {}
+
+
+def shared_client(ca_bundle: str) -> RelayClient:
+    """The pooled client for this event loop and CA bundle (made on first use, kept until :func:`close_shared`)."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), ca_bundle)
+    client = _SHARED.get(key)
+    if client is None or client.loop is not loop or client.session.closed:
+        client = _SHARED[key] = RelayClient(ca_bundle)
+    return client
+
+
+async def close_shared() -> None:
+    """Close the pooled clients of the running loop (service shutdown)."""
+    loop = asyncio.get_running_loop()
+    for key, client in list(_SHARED.items()):
+        if client.loop is loop:
+            del _SHARED[key]
+            await client.close()
 
 
 async def fetch_validator_nonce(
     token: Secret, *, allowed_hosts: list[str], timeout_s: float, ca_bundle: str = "",
+    client: RelayClient | None = None,
 ) -> str:
     """The 32-hex rint nonce for the token's launch config; :class:`RelayError` on any refusal."""
     text = bytes(token.reveal()).decode("ascii", "replace").strip()
     if len(text) > MAX_TOKEN_BYTES:
         raise RelayError(400, "bad_token", f"authorization: token longer than {MAX_TOKEN_BYTES} bytes")
     target = check_target(token_url(text), allowed_hosts)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(ssl=_ssl_context(ca_bundle), limit=1, force_close=True)
+    client = client or shared_client(ca_bundle)
     try:
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False) as session:
-            async with session.get(
-                target.url, headers={"Authorization": text}, allow_redirects=False,
-            ) as resp:
-                body = await resp.content.read(1024)
-                status = resp.status
+        status, body = await client.get(target, text, timeout_s)
     except TimeoutError:
         raise RelayError(504, "validator_timeout", f"validator did not answer within {timeout_s:g}s") from None
     except aiohttp.ClientError as exc:
@@ -130,6 +183,8 @@ async def fetch_validator_nonce(
                          "(already fetched, expired or unknown)")
     if status in (401, 403):
         raise RelayError(403, "validator_refused", f"validator refused the launch token (HTTP {status})")
+    if 300 <= status < 400:
+        raise RelayError(502, "validator_error", f"validator answered HTTP {status} (redirect refused, never followed)")
     if status != 200:
         raise RelayError(502, "validator_error", f"validator answered HTTP {status}")
     nonce = body.decode("ascii", "replace").strip().strip('"').lower()
