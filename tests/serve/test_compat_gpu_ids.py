@@ -80,3 +80,25 @@ async def test_chute_socket_stays_strict(svc: Service) -> None:
             assert (await r.json())["error"] == "bad_gpu_ids"
             r = await c.get("/v1/evidence", params={"gpu_ids": gpu_ids, "nonce": secrets.token_hex(32)})
             assert r.status == 400, gpu_ids
+
+
+async def test_dropped_ids_logged_at_debug() -> None:
+    """The filter itself, on a stand-in GPU list: the dropped ids are logged at debug, kept ones are not."""
+    from structlog.testing import capture_logs
+
+    from agent.config import AgentConfig
+    from agent.serve.collector import Collector
+
+    class Gpus:
+        async def devices(self, ids):
+            return [{"uuid": nvml_form(u)} for u in ("a" * 32, "b" * 32, "c" * 32)]
+
+    col = Collector(AgentConfig(), None, None, Gpus())  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        assert await col.compat_gpu_selection(["GPU-a", "B" * 32]) == ["b" * 32]
+    dropped = [e for e in logs if e["event"] == "compat.gpu_ids_dropped"]
+    assert len(dropped) == 1 and dropped[0]["log_level"] == "debug" and dropped[0]["dropped"] == ["GPU-a"]
+    with capture_logs() as logs:
+        assert await col.compat_gpu_selection(["a" * 32]) == ["a" * 32]
+        assert await col.compat_gpu_selection(None) is None
+    assert not [e for e in logs if e["event"] == "compat.gpu_ids_dropped"]
