@@ -206,6 +206,12 @@ class FaithfulValidator:
         """Events of one endpoint that reached its handler (not answered by a fault)."""
         return [e for e in self.state.events if e.get("endpoint") == endpoint and "fault" not in e]
 
+    def confirmations(self, vm_name: str) -> list[dict[str, str]]:
+        """``{volume: promoted|discarded|no_pending}`` of every accepted confirm of a VM, oldest first."""
+        return [e["results"] for e in self.state.events
+                if e.get("endpoint") in ("luks_confirm", "provision_confirm") and e.get("vm_name") == vm_name
+                and "results" in e]
+
     def vm(self, vm_name: str) -> _Vm:
         return self.state.vms[vm_name]
 

@@ -251,7 +251,8 @@ class ValidatorState:
     blacklisted_hotkeys: set[str] = field(default_factory=set)
     legacy_luks: bool = True
     tee_minimum_boot_version: str | None = None
-    tee_mtls_min_version: str | None = None
+    #: §2 Guards: a server already attested at ≥ this version must take nonces / confirms through cvm
+    tee_mtls_min_version: str | None = "1.4.0"
     response_extras: dict[str, Any] = field(default_factory=dict)
     nonces: dict[str, _Nonce] = field(default_factory=dict)
     vms: dict[str, _Vm] = field(default_factory=dict)

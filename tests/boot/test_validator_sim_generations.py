@@ -202,6 +202,26 @@ async def test_v12_boot_is_refused_on_the_public_api_front(make_rig: RigFactory)
     assert (status, body["detail"]) == (403, "request did not come through the attestation proxy")
 
 
+async def test_boot_nonce_and_boot_token_ttls(make_rig: RigFactory) -> None:
+    r = await make_rig("1.2")
+    v = r.v
+    async with session(v, r.ident) as s:
+        nonce = await r.nonce(s, v.url)
+        v.advance(599)
+        body = r.boot_body(nonce, first_boot=None)
+        status, boot = await call(s, "POST", f"{v.url}/servers/boot/attestation", body, {"X-Chutes-Nonce": nonce})
+        assert status == 200
+        nonce = await r.nonce(s, v.url)
+        v.advance(601)
+        body = r.boot_body(nonce, first_boot=None)
+        status, resp = await call(s, "POST", f"{v.url}/servers/boot/attestation", body, {"X-Chutes-Nonce": nonce})
+        assert (status, resp["detail"]) == (401, "Invalid or expired nonce")
+        status, resp = await call(s, "POST", f"{v.url}/servers/{VM}/luks", compact({"volumes": ["storage"]}),
+                                  {"X-Chutes-Hotkey": r.ss58, "X-Boot-Token": boot["boot_token"]})
+        assert (status, resp["detail"]) == (401, "Invalid or expired boot token")  # 1200 s after it was issued
+    assert v.nonce_usage()["boot_nonce.expired"] == 1
+
+
 # ── 1.3.x ────────────────────────────────────────────────────────────────────
 
 
@@ -256,6 +276,8 @@ async def test_v13_full_flow_and_second_boot(make_rig: RigFactory) -> None:
         chdr["X-Confirm-Nonce"] = resp2["confirm_nonce"]
         _, done = await call(api, "POST", f"{v.api_url}/servers/{VM}/luks/confirm", compact(confirm), chdr)
         assert done["volumes"] == {"storage": {"result": "promoted"}, "tdx-cache": {"result": "discarded"}}
+    assert v.confirmations(VM) == [{"storage": "promoted", "tdx-cache": "promoted"},
+                                   {"storage": "promoted", "tdx-cache": "discarded"}]
     assert bytes(v.volume_key(VM, "storage").reveal()).decode() == resp2["volumes"]["storage"]["next"]
     assert bytes(v.volume_key(VM, "tdx-cache").reveal()).decode() == first["tdx-cache"]["next"]
     assert v.key_state(VM)["volumes"] == {"storage": {"current": True, "pending": False},
@@ -413,9 +435,11 @@ async def test_generation_endpoints_are_not_crossed(make_rig: RigFactory) -> Non
         status, body = await call(s, "POST", f"{r.v.url}/servers/{VM}/luks/attest", r.volume_body(lqn),
                                   {"X-Quote-Nonce": lqn, "X-Chutes-Hotkey": r.ss58})
         assert (status, body["detail"]) == (403, "luks/attest is not served to VM version 1.4.0-sim")
-        status, body = await call(s, "POST", f"{r.v.api_url}/servers/{VM}/luks/confirm",
-                                  compact({"volumes": {"storage": {"rotated": True}}}),
-                                  {"X-Confirm-Nonce": boot["root_confirm_nonce"], "X-Chutes-Hotkey": r.ss58})
+        confirm = compact({"volumes": {"storage": {"rotated": True}}})
+        hdrs = {"X-Confirm-Nonce": boot["root_confirm_nonce"], "X-Chutes-Hotkey": r.ss58}
+        status, body = await call(s, "POST", f"{r.v.api_url}/servers/{VM}/luks/confirm", confirm, hdrs)
+        assert (status, body["detail"]) == (403, "this server must use the mTLS proxy")
+        status, body = await call(s, "POST", f"{r.v.cvm_url}/servers/{VM}/luks/confirm", confirm, hdrs)
         assert status == 403 and "not served to this VM's generation (1.4)" in body["detail"]
 
 
@@ -475,7 +499,7 @@ async def test_fronts_strip_spoofed_provenance_and_enforce_mtls_for_newer_server
         # even knowing the secret, a header sent through the api front is replaced by nginx
         status, body = await call(api, "POST", f"{v.api_url}/servers/{VM}/provision", compact({}), spoof)
         assert (status, body["detail"]) == (403, "provision is only served through the cvm proxy")
-        v.state.tee_mtls_min_version = "1.4.0"
+        assert v.state.tee_mtls_min_version == "1.4.0"  # the default
         assert (await call(api, "GET", f"{v.api_url}/servers/nonce"))[0] == 200  # not yet a known server
         assert (await r.boot(s, v.cvm_url))[0] == 200
         status, body = await call(api, "GET", f"{v.api_url}/servers/nonce")
