@@ -21,11 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.certs import self_signed
 from agent.evidence.report_data import spki_sha256
+from agent.validator.transport import client_context
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass
 class ClientIdentity:
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    key: PrivateKey
     cert: x509.Certificate
 
     @property
@@ -41,10 +44,10 @@ def make_identity(key_type: str = "ec-p256", lifetime_s: int = 86400) -> ClientI
     """A fresh key and a self-signed cert ``CN=tdx-vm-<epoch>`` (as the sek8s initramfs names it)."""
     if key_type == "ec-p256":
         key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(ec.SECP256R1())
-    elif key_type == "rsa-2048":
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif key_type in ("rsa-2048", "rsa-4096"):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
     else:
-        raise ValueError(f"key_type: expected ec-p256 or rsa-2048, got {key_type!r}")
+        raise ValueError(f"key_type: expected ec-p256, rsa-2048 or rsa-4096, got {key_type!r}")
     cert = self_signed(key, f"tdx-vm-{int(time.time())}", dt.timedelta(seconds=lifetime_s),
                        [(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
     return ClientIdentity(key, cert)
@@ -58,19 +61,28 @@ def _memfd(name: str, data: bytes | bytearray) -> int:
     return fd
 
 
-def ssl_context(identity: ClientIdentity, ca_bundle: str = "") -> ssl.SSLContext:
-    """Client SSLContext presenting ``identity``; server verified against ``ca_bundle`` (or system CAs)."""
-    ctx = ssl.create_default_context(cafile=ca_bundle or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    key_pem = bytearray(identity.key.private_bytes(
+def ssl_context(identity: ClientIdentity | None, ca_bundle: str = "") -> ssl.SSLContext:
+    """Client SSLContext presenting ``identity`` (None: no client certificate).
+
+    The server is verified against ``ca_bundle`` only (default: the system bundle file); nothing
+    from the environment (``SSL_CERT_FILE``, ``SSL_CERT_DIR``, ``SSLKEYLOGFILE``) is consulted.
+    """
+    ctx = client_context(ca_bundle)
+    if identity is not None:
+        load_identity(ctx, identity.key, identity.cert_pem)
+    return ctx
+
+
+def load_identity(ctx: ssl.SSLContext, key: PrivateKey, cert_pem: bytes) -> None:
+    """Load a client key + certificate into ``ctx`` through anonymous memfds (never a named file)."""
+    key_pem = bytearray(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption(),
     ))
     key_fd = _memfd("chutes-attest-key", key_pem)
-    cert_fd = _memfd("chutes-attest-cert", identity.cert_pem)
+    cert_fd = _memfd("chutes-attest-cert", cert_pem)
     try:
         ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
     finally:
         os.close(key_fd)
         os.close(cert_fd)
         key_pem[:] = bytes(len(key_pem))
-    return ctx

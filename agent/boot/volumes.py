@@ -14,6 +14,7 @@ import secrets
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from agent.boot import blockdev
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
@@ -40,15 +41,15 @@ def private_header_copy(cs: Cryptsetup, device: str, header_dir: str) -> Iterato
             os.unlink(path)
 
 
-def validate_header_copy(cs: Cryptsetup, header_path: str) -> HeaderSummary:
-    """Binary header + JSON metadata policy for the private copy."""
+def validate_header_copy(cs: Cryptsetup, header_path: str, **policy: Any) -> HeaderSummary:
+    """Binary header + JSON metadata policy for the private copy (``policy``: validate_metadata keywords)."""
     with open(header_path, "rb") as fh:
         head = fh.read(MAX_HEADER)
     try:
         meta = cs.dump_json(header_path)
     except CryptsetupError as exc:
         raise LuksHeaderError(f"luksDump of the header copy failed: {exc}") from None
-    return validate_metadata(meta, head)
+    return validate_metadata(meta, head, **policy)
 
 
 def unlock_validated(cs: Cryptsetup, device: str, mapper: str, passphrase: Secret, header_dir: str,

@@ -8,9 +8,34 @@ On final failure prints TDX-LUKS-UNLOCK-FAILED: <reason> to the console and /dev
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from agent.config import AgentConfig
+
+
+def _is_boot_process() -> bool:
+    """True when this process was started as ``chutes-attest boot`` (not a test calling ``run`` in-process)."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return prog in ("chutes-attest", "cli.py", "__main__.py") and "boot" in sys.orig_argv[1:]
+
+
+def clean_tls_environment() -> None:
+    """Drop every variable that steers OpenSSL/HTTP (``SSL_CERT_FILE``, ``OPENSSL_CONF``, proxies, ...).
+
+    In an initramfs, init's environment comes from the host-controlled kernel command line. Python's
+    hashlib and the cryptography bindings read ``OPENSSL_CONF`` when they are imported, i.e. before
+    any command runs, so when something was removed the boot process re-executes itself with the
+    clean environment: nothing in the process that talks TLS ever saw those values.
+    """
+    from agent.validator.transport import scrub_tls_environment
+
+    removed = scrub_tls_environment()
+    if removed:
+        print(f"chutes-attest: boot: ignoring TLS-steering environment variables: {', '.join(sorted(removed))}",
+              file=sys.stderr, flush=True)
+        if _is_boot_process():
+            os.execve(sys.executable, sys.orig_argv, dict(os.environ))  # noqa: S606 (re-exec of ourselves)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +53,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent.evidence.base import QuoteSourceError
     from agent.evidence.sources import make_quote_source
 
+    clean_tls_environment()
     poweroff = cfg.boot.poweroff and not args.no_poweroff
     if not poweroff:
         print("chutes-attest: WARNING: --no-poweroff / boot.poweroff=false: a failed unlock will NOT power off "

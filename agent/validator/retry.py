@@ -1,7 +1,7 @@
-"""What to do after a failed validator call, by status code (chutes-protocol.md §2.5).
+"""What to do after a failed validator call, by status code (chutes-vm-generations.md §3.6).
 
-200 done; 401/403 retry with a fresh nonce; 404 give up; 429 back off (honouring ``Retry-After``);
-5xx, connection failures, timeouts and malformed bodies retry. Attempts and total time are bounded.
+200 done; 401/403/404 give up; 429 back off (honouring ``Retry-After``); 5xx, redirects, connection
+failures, timeouts and incomplete bodies retry. Attempts and total time are bounded (reference §3.6).
 Pure logic, no I/O: the caller sleeps.
 """
 
@@ -49,32 +49,35 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounds and delays; ``attempt`` counts from 1."""
+    """Bounds and delays of the boot retry loop (reference §3.6); ``attempt`` counts from 1.
 
-    max_attempts: int = 5
+    401/403/404 stop at once (refused, not on the subnet, unknown VM: a retry cannot change that);
+    429 waits ``Retry-After`` when sent, else ``2 × attempt + backoff_s``; every other failure
+    (5xx, a redirect, no connection, a timeout, a 200 without the required fields) waits
+    ``backoff_s`` and retries with a fresh nonce, until ``max_attempts`` or the total budget runs out.
+    """
+
+    max_attempts: int = 3
     total_timeout_s: float = 300.0
     backoff_s: float = 2.0
     backoff_max_s: float = 30.0
-
-    def backoff(self, attempt: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
 
     def decide(self, exc: ValidatorError, attempt: int, elapsed_s: float) -> Decision:
         """Retry or stop after ``exc`` ended attempt number ``attempt``."""
         if isinstance(exc, ValidatorHTTPError):
             status = exc.status
-            if status == 404:
-                return Decision(Action.STOP, 0.0, "404: not known to the validator, giving up")
+            if status in (401, 403, 404):
+                what = {401: "refused (nonce, signature or hotkey)", 403: "forbidden (not on the subnet)",
+                        404: "not known to the validator"}[status]
+                return Decision(Action.STOP, 0.0, f"{status}: {what}, giving up")
             if status == 429:
-                delay = exc.retry_after_s if exc.retry_after_s is not None else self.backoff(attempt)
+                delay = exc.retry_after_s if exc.retry_after_s is not None else 2.0 * attempt + self.backoff_s
                 # Honoured in full (not capped by backoff_max_s); the total time budget still bounds it.
                 why = "429: rate limited" + (" (Retry-After honoured)" if exc.retry_after_s is not None else "")
-            elif status in (401, 403):
-                delay, why = self.backoff_s, f"{status}: refused, retrying with a fresh nonce"
             else:
-                delay, why = self.backoff(attempt), f"{status}: retrying"
+                delay, why = min(self.backoff_s, self.backoff_max_s), f"{status}: retrying"
         else:
-            delay, why = self.backoff(attempt), "no usable answer, retrying"
+            delay, why = min(self.backoff_s, self.backoff_max_s), "no usable answer, retrying"
         if attempt >= self.max_attempts:
             return Decision(Action.STOP, 0.0, f"{why}; attempts exhausted ({attempt}/{self.max_attempts})")
         if elapsed_s + delay >= self.total_timeout_s:

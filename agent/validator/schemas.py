@@ -16,6 +16,7 @@ from agent.log import Secret
 from agent.validator.errors import ValidatorProtocolError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_DECODER = json.JSONDecoder()
 
 #: Fields of ``BootAttestationResponse`` across validator generations (names only are recorded).
 KNOWN_BOOT_FIELDS = ("key", "boot_token", "luks_quote_nonce", "root_next", "root_confirm_nonce", "vm_auth_ss58")
@@ -24,7 +25,8 @@ KNOWN_BOOT_FIELDS = ("key", "boot_token", "luks_quote_nonce", "root_next", "root
 def parse_json_object(endpoint: str, body: bytes) -> dict[str, Any]:
     """Decode a JSON object body, or raise a protocol error that says what was wrong (never the body)."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data, end = _DECODER.raw_decode(text, len(text) - len(text.lstrip(" \t\n\r")))
     except UnicodeDecodeError:
         raise ValidatorProtocolError(endpoint, f"body is not UTF-8 ({len(body)} bytes)") from None
     except json.JSONDecodeError as exc:
@@ -32,6 +34,9 @@ def parse_json_object(endpoint: str, body: bytes) -> dict[str, Any]:
             endpoint, f"body is not JSON ({exc.msg} at char {exc.pos}, {len(body)} bytes)") from None
     except RecursionError:
         raise ValidatorProtocolError(endpoint, f"body nests too deeply ({len(body)} bytes)") from None
+    if text[end:].strip(" \t\n\r"):
+        raise ValidatorProtocolError(
+            endpoint, f"trailing data after the JSON object ({len(text) - end} characters from char {end})")
     if not isinstance(data, dict):
         raise ValidatorProtocolError(endpoint, f"body is JSON {type(data).__name__}, expected an object")
     return data

@@ -198,3 +198,95 @@ def test_deeply_nested_token_payload_is_a_bad_token() -> None:
     with pytest.raises(RelayError) as exc:
         token_url(f"e30.{payload}.sig")
     assert exc.value.status == 400
+
+
+# --- complete reads and one pooled connection (issue 11 items 2, 10) ---------------------------------
+
+class SplitValidator:
+    """Answers written in several pieces (separate TLS records), cut answers, and a record of connections."""
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        self.transports: list[int] = []
+
+    async def split(self, request: web.Request) -> web.StreamResponse:
+        self.transports.append(id(request.transport))
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        if request.match_info["mode"] == "chunked":
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(self.nonce) + 2
+        await resp.prepare(request)
+        for part in ('"' + self.nonce[:5], self.nonce[5:20], self.nonce[20:] + '"'):
+            await resp.write(part.encode())
+            await asyncio.sleep(0.03)
+        await resp.write_eof()
+        return resp
+
+    async def cut(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        resp.content_length = 34
+        await resp.prepare(request)
+        await resp.write(b'"' + self.nonce[:10].encode())
+        await asyncio.sleep(0.03)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+
+@pytest.fixture
+async def split_validator(tls_pair: tuple[Path, Path]) -> AsyncIterator[tuple[SplitValidator, int]]:
+    sv = SplitValidator(secrets.token_hex(16))
+    app = web.Application()
+    app.router.add_get("/instances/launch_config/cut/nonce", sv.cut)
+    app.router.add_get("/instances/launch_config/{mode}/nonce", sv.split)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_pair)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    yield sv, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["length", "chunked"])
+async def test_relay_reads_a_nonce_sent_in_pieces_over_one_pooled_connection(split_validator, tls_pair, mode) -> None:
+    from agent.log import Secret
+    from agent.validator.rint_relay import RelayClient, fetch_validator_nonce
+
+    sv, port = split_validator
+    client = RelayClient(str(tls_pair[0]))
+    try:
+        for _ in range(3):
+            token = Secret(make_jwt({"url": f"https://localhost:{port}/instances/launch_config/{mode}"}))
+            got = await fetch_validator_nonce(token, allowed_hosts=[f"localhost:{port}"], timeout_s=5, client=client)
+            assert got == sv.nonce
+    finally:
+        await client.close()
+    assert len(sv.transports) == 3 and len(set(sv.transports)) == 1  # one TLS connection, reused
+
+
+async def test_relay_reports_a_cut_answer(split_validator, tls_pair) -> None:
+    from agent.log import Secret
+    from agent.validator.rint_relay import RelayClient, RelayError, fetch_validator_nonce
+
+    _, port = split_validator
+    client = RelayClient(str(tls_pair[0]))
+    try:
+        token = Secret(make_jwt({"url": f"https://localhost:{port}/instances/launch_config/cut"}))
+        with pytest.raises(RelayError) as exc:
+            await fetch_validator_nonce(token, allowed_hosts=[f"localhost:{port}"], timeout_s=5, client=client)
+    finally:
+        await client.close()
+    assert exc.value.status == 502 and "truncated" in exc.value.detail
+
+
+async def test_shared_relay_client_is_one_per_loop(tls_pair) -> None:
+    from agent.validator.rint_relay import close_shared, shared_client
+
+    a, b = shared_client(str(tls_pair[0])), shared_client(str(tls_pair[0]))
+    assert a is b
+    await close_shared()
+    assert a.session.closed and shared_client(str(tls_pair[0])) is not a
+    await close_shared()
