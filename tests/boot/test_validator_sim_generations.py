@@ -610,3 +610,32 @@ async def test_v5_quote_is_read_at_v4_offsets_and_refused(make_rig: RigFactory) 
                                   {"X-Chutes-Nonce": nonce, **proof_headers(r.hotkey, nonce, body)})
     assert (status, resp["detail"]) == (400, "Quote report_data does not match the nonce")
     assert r.v.attestations()[-1]["quote_version"] == 5
+
+
+async def test_rc_blacklist_unknown_vm_and_missing_headers(make_rig: RigFactory) -> None:
+    r = await make_rig("1.4")
+    v = r.v
+    m = v.state.measurements[0]
+    v.state.measurements[0] = MeasurementSet(m.name, m.version, m.mrtd, m.rtmr0, m.rtmr1, m.rtmr2, m.runtime_rtmr3,
+                                             rc=True, authorized_hotkeys=("5Someoneelse",))
+    async with session(v, r.ident) as s:
+        status, body = await r.boot(s, v.cvm_url)
+        assert (status, body["detail"]) == (403, "Release-candidate measurement requires an authorized hotkey")
+        v.state.measurements[0].authorized_hotkeys = (r.ss58,)
+        assert (await r.boot(s, v.cvm_url))[0] == 200
+        v.state.blacklisted_hotkeys.add(r.ss58)
+        status, body = await r.boot(s, v.cvm_url)
+        assert (status, body["detail"]) == (401, "Miner hotkey is blacklisted")
+        v.state.blacklisted_hotkeys.clear()
+        _, boot = await r.boot(s, v.cvm_url)
+        lqn = boot["luks_quote_nonce"]
+        body_bytes = r.volume_body(lqn)
+        status, body = await call(s, "POST", f"{v.cvm_url}/servers/{VM}/provision", body_bytes,
+                                  proof_headers(r.hotkey, lqn, body_bytes))  # no X-Quote-Nonce
+        assert status == 422 and body["detail"][0]["loc"] == ["header", "x-quote-nonce"]
+        status, body = await call(s, "POST", f"{v.cvm_url}/servers/other-vm/provision", body_bytes,
+                                  {"X-Quote-Nonce": lqn, **proof_headers(r.hotkey, lqn, body_bytes)})
+        assert (status, body["detail"]) == (404, "VM not found")
+        status, body = await r.provision(s, lqn, body=compact({"quote": "AAAA", "volumes": []}))
+        assert (status, body["detail"]) == (400, "No volumes requested")
+        assert (await r.provision(s, lqn))[0] == 200  # none of the refusals above consumed the quote nonce
