@@ -26,6 +26,7 @@ from typing import Any
 
 from agent import __version__, log
 from agent import config as config_mod
+from agent.errors import AgentError
 from agent.exitcodes import (  # noqa: F401  (re-exported: commands import them from here)
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_mod.load(args.config, overrides, environ=environ)
     except config_mod.ConfigError as exc:
         print(f"chutes-attest: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     log.configure(cfg.log.level, cfg.log.format)
     from agent.commands.wiring import install_simulations
 
@@ -113,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module: Any = args._module
     try:
         return int(module.run(args, cfg) or 0)
+    except AgentError as exc:
+        # The one place an error becomes an exit code (README, "Exit codes"); commands just raise.
+        print(f"chutes-attest {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("chutes-attest: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

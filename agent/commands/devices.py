@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, add_json_flag
+from agent.cli import EXIT_OK, add_json_flag
 from agent.config import AgentConfig
+from agent.errors import UnavailableError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,43 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_flag(parser)
 
 
-def _err(msg: str) -> None:
-    print(f"chutes-attest devices: {msg}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    """Errors are :class:`~agent.errors.AgentError` kinds; ``cli.main`` maps them to exit codes."""
     import asyncio
 
-    from agent.config import ConfigError
-    from agent.evidence.base import GpuEvidenceError
-    from agent.evidence.device_info import GpuIdError, parse_gpu_ids
+    from agent.evidence.device_info import parse_gpu_ids
     from agent.evidence.gpu_sources import make_gpu_source
-    from agent.evidence.nvml_gpu import GpuUnavailableError
 
-    try:
-        wanted = parse_gpu_ids(args.gpu_ids)
-    except GpuIdError as exc:
-        _err(str(exc))
-        return EXIT_BAD_INPUT
-    try:
-        source = make_gpu_source(cfg)
-    except ConfigError as exc:
-        _err(f"configuration error: {exc}")
-        return EXIT_USAGE
+    wanted = parse_gpu_ids(args.gpu_ids)
+    source = make_gpu_source(cfg)
     if source is None:
-        _err("GPU support is disabled (gpu.enabled = false)")
-        return EXIT_UNAVAILABLE
+        raise UnavailableError("GPU support is disabled (gpu.enabled = false)", reason="gpu_disabled")
     try:
         devices = asyncio.run(source.devices(wanted))
-    except GpuIdError as exc:
-        _err(str(exc))
-        return EXIT_BAD_INPUT
-    except GpuUnavailableError as exc:
-        _err(str(exc))
-        return EXIT_UNAVAILABLE
-    except GpuEvidenceError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
     finally:
         close = getattr(source, "close", None)
         if close:

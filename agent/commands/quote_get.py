@@ -12,11 +12,11 @@ import argparse
 import base64
 import json
 import os
-import sys
 from pathlib import Path
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
+from agent.cli import EXIT_OK, add_json_flag
 from agent.config import AgentConfig
+from agent.errors import BadInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,31 +40,18 @@ def _summary(quote: bytes) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    from agent.evidence.base import QuoteSourceError
-    from agent.evidence.configfs_tsm import TsmUnavailableError
-    from agent.evidence.report_data import ReportDataError, build_report_data
+    """Errors are :class:`~agent.errors.AgentError` kinds; ``cli.main`` maps them to exit codes."""
+    from agent.evidence.report_data import build_report_data
     from agent.evidence.sources import make_quote_source
 
     cert_path = args.cert or cfg.serve.cert_path
     try:
         cert = Path(cert_path).read_bytes()
     except OSError as exc:
-        print(f"chutes-attest: --cert: cannot read {cert_path}: {exc.strerror}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        report_data = build_report_data(args.nonce, cert)
-    except ReportDataError as exc:
-        print(f"chutes-attest: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(f"--cert: cannot read {cert_path}: {exc.strerror}", reason="cert_unreadable") from None
+    report_data = build_report_data(args.nonce, cert)
     source = make_quote_source(cfg)
-    try:
-        quote = source.get_quote(report_data)
-    except TsmUnavailableError as exc:
-        print(f"chutes-attest: quote source unavailable: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except QuoteSourceError as exc:
-        print(f"chutes-attest: quote failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    quote = source.get_quote(report_data)
     if args.out:
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "wb") as f:

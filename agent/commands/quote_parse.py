@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, add_json_flag
+from agent.cli import EXIT_OK, EXIT_VERIFY_FAILED, add_json_flag
 from agent.config import AgentConfig
+from agent.errors import BadInputError, UsageError
 
 _HEX = re.compile(rb"\A(?:0x)?[0-9a-fA-F]+\Z")
 _B64 = re.compile(rb"\A[A-Za-z0-9+/_-]+={0,2}\Z")
@@ -88,30 +89,28 @@ def _print_text(q: Any, encoding: str, result: Any) -> None:
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    """Errors are :class:`~agent.errors.AgentError` kinds; ``cli.main`` maps them to exit codes."""
     from agent.quote import QuoteError, parse_quote, verify_quote
 
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         root = Path(args.root_ca).read_bytes() if args.root_ca else None
     except OSError as exc:
-        print(f"chutes-attest: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}", reason="file_unreadable") from None
     try:
         raw, encoding = decode_input(data, args.format)
-        q = parse_quote(raw)
-    except QuoteError as exc:
-        print(f"chutes-attest: malformed quote: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except ValueError as exc:
-        print(f"chutes-attest: malformed input: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(f"malformed input: {exc}") from None
+    try:
+        q = parse_quote(raw)
+    except QuoteError as exc:  # already a BadInputError (exit 4); say what the input was meant to be
+        raise BadInputError(f"malformed quote: {exc}", reason="malformed_quote") from None
     result = None
     if args.verify:
         try:
             result = verify_quote(q, root)
         except ValueError as exc:
-            print(f"chutes-attest: bad --root-ca: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(f"bad --root-ca: {exc}", reason="root_ca") from None
     if args.json:
         out = q.to_dict()
         out["input_encoding"] = encoding
