@@ -10,7 +10,8 @@ fuse3 libfuse2 libfuse3-dev
 initramfs-tools busybox linux-image-amd64 qemu-system-x86 qemu-utils mmdebstrap
 swtpm swtpm-tools libtss2-dev tpm2-tools
 clang libclang-rt-14-dev systemd curl openssl ca-certificates zstd
-nginx-light"
+nginx-light
+debhelper lintian python3.11-venv python3-pip pesign"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
