@@ -13,6 +13,11 @@ PYTHONHOME is needed; ``-I -S`` keeps the environment and any site-packages out.
 byte-compiled with the *target* interpreter in ``unchecked-hash`` mode, because mkinitramfs may clamp
 mtimes (SOURCE_DATE_EPOCH) and a pyc that is re-validated would be rebuilt in RAM at every boot.
 
+Reproducible: the same inputs give the same bytes whatever the staging directory, the working directory
+or the clock. Bytecode records the in-image path (``compileall -d``), never DESTDIR; it is compiled with
+``PYTHONHASHSEED=0`` (set and frozenset constants are marshalled in hash order); every staged file and
+directory gets the mtime ``$SOURCE_DATE_EPOCH`` (0 when unset); directories are walked in sorted order.
+
 Shared libraries are not copied here: their paths (the pyelftools closure of every ELF file staged)
 are printed on stdout, one per line, for the hook to hand to initramfs-tools' ``copy_file``, which
 knows the image's usr-merge layout.
@@ -120,7 +125,7 @@ DYNLOAD_EXCLUDE = {
     "_uuid",
 }
 #: runtime requirements of the agent that the boot path never imports (GPU and ELF tooling).
-DIST_EXCLUDE = {"nvidia-ml-py", "pyelftools"}
+DIST_EXCLUDE = {"nvidia-ml-py", "pyelftools", "packaging"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".c", ".h", ".pyx", ".pxd", ".pyi", ".cpp", ".md", ".rst")
 #: RECORD entries in a dist we never want (tests inside packages, build helpers).
 SKIP_PARTS = {"__pycache__", "tests", "test", "testing"}
@@ -229,33 +234,43 @@ def stage_agent(agent_dir: Path, dst: Path, with_sim: bool) -> None:
     copy_tree(agent_dir, dst / "agent", skip)
 
 
-def compile_all(python: str, dirs: list[Path], keep_sources: bool) -> None:
-    """Byte-compile with the target interpreter. Without sources: legacy ``foo.pyc`` next to where
-    ``foo.py`` was (importable sourceless), the ``.py`` removed; tracebacks keep file and line numbers."""
+def compile_all(python: str, dirs: dict[Path, str], keep_sources: bool) -> None:
+    """Byte-compile with the target interpreter, each staged dir recorded under its in-image path.
+    Without sources: legacy ``foo.pyc`` next to where ``foo.py`` was (importable sourceless), the ``.py``
+    removed; tracebacks keep file and line numbers."""
     legacy = [] if keep_sources else ["-b"]
-    subprocess.run(
-        [
-            python,
-            "-I",
-            "-S",
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "1",
-            *legacy,
-            "--invalidation-mode",
-            "unchecked-hash",
-            *map(str, dirs),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    # not -I/-E: those would ignore PYTHONHASHSEED; -S -s and a scrubbed environment keep sites out instead
+    env = {"PYTHONHASHSEED": "0", "LC_ALL": "C"}
+    for staged, in_image in dirs.items():
+        subprocess.run(
+            [python, "-S", "-s", "-m", "compileall", "-q", "-j", "1", *legacy,
+             "--invalidation-mode", "unchecked-hash", "-d", in_image, str(staged)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
     if not keep_sources:
         for d in dirs:
-            for py in d.rglob("*.py"):
+            for py in sorted(d.rglob("*.py")):
                 if py.with_suffix(".pyc").exists():
                     py.unlink()
+
+
+def source_date_epoch() -> int:
+    """``$SOURCE_DATE_EPOCH`` (reproducible-builds.org), 0 when unset."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not raw.isdigit():
+        raise SystemExit(f"stage_runtime: SOURCE_DATE_EPOCH={raw!r} is not a number of seconds")
+    return int(raw)
+
+
+def fix_mtimes(paths: list[Path], epoch: int) -> None:
+    """Every file and directory below ``paths`` (and the paths themselves) gets mtime ``epoch``."""
+    for top in paths:
+        for dirpath, _dirs, names in os.walk(top):
+            for n in names:
+                os.utime(Path(dirpath) / n, (epoch, epoch), follow_symlinks=False)
+            os.utime(dirpath, (epoch, epoch))
 
 
 def strip_elves(root: Path) -> None:
@@ -298,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     for dist in runtime_dists(site_src, "chutes-attest-agent"):
         stage_dist(dist, site_src, site)
     stage_agent(args.agent_dir, site, args.with_sim)
-    compile_all(python, [lib, site], args.keep_sources)
+    in_image = f"{args.prefix}/lib/python{info['ver']}"
+    compile_all(python, {lib: in_image, site: f"{args.prefix}/site"}, args.keep_sources)
     if not args.no_strip:
         strip_elves(root)
     (root / "launcher.py").write_text(LAUNCHER.format(site=f"{args.prefix}/site"))
@@ -306,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     wrapper.parent.mkdir(parents=True, exist_ok=True)
     wrapper.write_text(WRAPPER.format(python=f"{args.prefix}/bin/{py_dst.name}", launcher=f"{args.prefix}/launcher.py"))
     wrapper.chmod(0o755)
+    fix_mtimes([root, wrapper], source_date_epoch())
 
     res = Resolver().closure([*iter_elf_files([root]), *map(Path, args.extra_elf)])
     if res.missing:
