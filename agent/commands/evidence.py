@@ -8,9 +8,8 @@ document with ``--json``, a short summary otherwise.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
+from agent.cli import EXIT_OK, add_json_flag
 from agent.config import AgentConfig
 
 
@@ -37,37 +36,16 @@ async def _collect(cfg: AgentConfig, nonce: bytes, gpu_ids: list[str] | None) ->
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    """Errors are :class:`~agent.errors.AgentError` kinds; ``cli.main`` maps them to exit codes."""
     import asyncio
     import json
 
-    from agent.evidence.base import EvidenceError
-    from agent.evidence.device_info import GpuIdError, parse_gpu_ids
-    from agent.evidence.report_data import ReportDataError, parse_nonce
-    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError
+    from agent.evidence.device_info import parse_gpu_ids
+    from agent.evidence.report_data import parse_nonce
 
-    try:
-        nonce = parse_nonce(args.nonce)
-        gpu_ids = parse_gpu_ids(args.gpu_ids) if args.gpu_ids else None
-    except (ReportDataError, GpuIdError) as exc:
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        doc = asyncio.run(_collect(cfg, nonce, gpu_ids))
-    except HandoffIdentityError as exc:  # the boot's leaf is there but fails a check
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ServiceCertError as exc:
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except GpuIdError as exc:
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except EvidenceError as exc:
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except ValueError as exc:  # configuration (e.g. an unknown gpu.emulate spec)
-        print(f"chutes-attest evidence: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    nonce = parse_nonce(args.nonce)
+    gpu_ids = parse_gpu_ids(args.gpu_ids) if args.gpu_ids else None
+    doc = asyncio.run(_collect(cfg, nonce, gpu_ids))
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.certs import self_signed
-from agent.errors import AgentError, VerificationError
+from agent.errors import UnavailableError, VerificationError
 from agent.evidence.report_data import spki_sha256
 from agent.fsutil import write_atomic
 from agent.log import get_logger
@@ -44,7 +44,7 @@ log = get_logger(__name__)
 VALIDITY_DAYS = 36500
 
 
-class ServiceCertError(AgentError, RuntimeError):
+class ServiceCertError(UnavailableError, RuntimeError):
     """The certificate/key pair is missing, unreadable or does not match."""
 
 
