@@ -6,13 +6,19 @@ interrupted build never poisons the cache. Artifacts:
 
 - ``sim-state``: the simulated quote PKI (the VM's quotes chain to its root; the validator trusts it);
 - ``tls``: a CA and a server certificate for the validator's TLS terminator (SAN 10.0.2.2, 127.0.0.1);
-- ``initramfs``: ``mkinitramfs -d CONFDIR`` where CONFDIR mimics an installed /etc/initramfs-tools
-  (the host's files plus the project's hook and scripts *copied* in, as an operator would install them);
+- ``deb``: the package, built by ``scripts/build-deb.sh`` from this checkout;
+- ``initramfs``: the package installed with ``apt-get install ./chutes-attest_*.deb`` into the Debian root,
+  its hook enabled in /etc/initramfs-tools/chutes-attest.conf, then ``update-initramfs -c`` in that root
+  (host kernel modules bind-mounted read-only; fixed SOURCE_DATE_EPOCH: the image is byte-reproducible);
 - ``root1``: stage-1 root (busybox + its ELF closure, a marker, an init that reports and powers off),
   ext4 made offline with ``mkfs.ext4 -d`` and encrypted offline with ``cryptsetup reencrypt --encrypt``;
 - ``config``: the ``tdx-config`` volume (hostname, miner-ss58, network-config.yaml);
-- ``debian``: a bookworm root tarball from mmdebstrap (systemd, python3) and ``root2``: that root plus
-  the project (a venv from wheels built here) and its units, as a LUKS2 disk.
+- ``debian``: a bookworm root tarball from mmdebstrap (systemd, python3.11, initramfs-tools) and ``root2``:
+  that root with the package installed the same way (postinst: sysusers, tmpfiles, socket enabled) plus
+  the test's agent.toml and e2e check unit, as a LUKS2 disk.
+
+A new boot generation/protocol is one more ``agent_toml_stage1(**boot)`` (its [boot] keys) handed to
+:func:`initramfs`: each configuration is its own cached image.
 
 Command line: ``python scripts/vm/vmlib.py build`` builds (or finds) everything and prints the paths.
 """
@@ -238,62 +244,52 @@ def agent_toml_stage1(**boot: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _agent_inputs() -> list[object]:
-    """What the initramfs content depends on besides initramfs/ itself."""
-    freeze = _run([str(VENV_PY), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True).stdout
-    return [
-        REPO / "agent",
-        freeze,
-        kernel_version(),
-        Path("/etc/initramfs-tools/initramfs.conf"),
-        Path("/etc/initramfs-tools/modules"),
-        Path("/usr/share/initramfs-tools"),
-    ]
-
-
-def install_confdir(dest: Path, settings: dict[str, str]) -> Path:
-    """A CONFDIR laid out like an installed /etc/initramfs-tools with the hook and scripts copied in."""
-    shutil.copytree("/etc/initramfs-tools", dest, symlinks=True)
-    (dest / "hooks").mkdir(exist_ok=True)
-    shutil.copy2(REPO / "initramfs/hooks/chutes-attest", dest / "hooks/chutes-attest")
-    for phase in ("init-top", "init-premount"):
-        (dest / "scripts" / phase).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f"initramfs/scripts/{phase}/chutes-attest", dest / "scripts" / phase / "chutes-attest")
-    conf = "".join(f"{k}={json.dumps(v)}\n" for k, v in settings.items())
-    (dest / "chutes-attest.conf").write_text(conf)
-    return dest
-
-
-def mkinitramfs(confdir: Path, out: Path) -> None:
-    _run(_nice(["mkinitramfs", "-d", str(confdir), "-o", str(out), kernel_version()]), stdout=subprocess.DEVNULL)
-
-
 def initramfs(agent_toml: str, with_agent: bool = True) -> Path:
-    """The test initramfs (``initrd.img`` in the returned dir) built through an installed-style CONFDIR."""
+    """The test initramfs (``initrd.img`` in the returned dir): the built package installed into the Debian
+    root, the hook enabled in its /etc/initramfs-tools/chutes-attest.conf, ``update-initramfs -c`` in that
+    root (what an image builder does). The boot generation/protocol under test travels in ``agent_toml``
+    (see :func:`agent_toml_stage1`), so another generation is another cached image."""
     sim, certs = sim_state(), tls()
-    key = digest(REPO / "initramfs", agent_toml, sim, certs / "ca.pem", with_agent, *_agent_inputs())
+    key = digest(agent_toml, sim, certs / "ca.pem", with_agent, package().name, debian_base().parent.name,
+                 kernel_version(), SOURCE_DATE_EPOCH)
 
     def build(out: Path) -> None:
-        extra = out / "extra"
-        (extra / "etc/chutes-attest").mkdir(parents=True)
-        shutil.copytree(sim, extra / "etc/chutes-attest/sim")
-        shutil.copy2(certs / "ca.pem", extra / "etc/chutes-attest/validator-ca.pem")
-        (out / "agent.toml").write_text(agent_toml)
-        settings = {
-            "CHUTES_ATTEST_BUILD_PYTHON": str(VENV_PY),
-            "CHUTES_ATTEST_INITRAMFS_DIR": str(REPO / "initramfs"),
-            "CHUTES_ATTEST_AGENT_TOML": str(out / "agent.toml"),
-            "CHUTES_ATTEST_EXTRA_TREE": str(extra),
-            "CHUTES_ATTEST_WITH_SIM": "yes",
-        }
-        confdir = install_confdir(out / "confdir", settings)
-        if not with_agent:
-            (confdir / "hooks/chutes-attest").unlink()
-            for phase in ("init-top", "init-premount"):
-                (confdir / "scripts" / phase / "chutes-attest").unlink()
-        mkinitramfs(confdir, out / "initrd.img")
+        build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work")
 
     return cached("initramfs" if with_agent else "initramfs-plain", key, build) / "initrd.img"
+
+
+def build_initramfs(
+    dest: Path, agent_toml: str, with_agent: bool, work: Path, cwd: Path | None = None, epoch: int | None = None
+) -> None:
+    """Uncached: install the package into a fresh root under ``work`` and build ``dest`` with
+    update-initramfs there (``cwd``: the directory it runs from; ``epoch``: SOURCE_DATE_EPOCH)."""
+    tree = work / "root"
+    installed_tree(tree)
+    try:
+        vm = tree / "root/vm-initramfs"
+        (vm / "extra/etc/chutes-attest").mkdir(parents=True)
+        shutil.copytree(sim_state(), vm / "extra/etc/chutes-attest/sim")
+        shutil.copy2(tls() / "ca.pem", vm / "extra/etc/chutes-attest/validator-ca.pem")
+        (vm / "agent.toml").write_text(agent_toml)
+        conf = tree / "etc/initramfs-tools/chutes-attest.conf"
+        settings = {
+            "CHUTES_ATTEST_INITRAMFS": "yes" if with_agent else "no",
+            "CHUTES_ATTEST_AGENT_TOML": "/root/vm-initramfs/agent.toml",
+            "CHUTES_ATTEST_EXTRA_TREE": "/root/vm-initramfs/extra",
+            "CHUTES_ATTEST_WITH_SIM": "yes",
+        }
+        conf.write_text(conf.read_text() + "".join(f"{k}={v}\n" for k, v in settings.items()))
+        kver = kernel_version()
+        shutil.copy2(f"/boot/config-{kver}", tree / "boot" / f"config-{kver}")
+        (tree / "lib/modules" / kver).mkdir(parents=True, exist_ok=True)
+        with _mounts(tree, (Path("/lib/modules") / kver, Path("lib/modules") / kver)):
+            _chroot(tree, "update-initramfs", "-c", "-k", kver, cwd=cwd,
+                    env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH if epoch is None else epoch)})
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree / "boot" / f"initrd.img-{kver}", dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- disks
@@ -476,7 +472,14 @@ def config_volume(hostname: str = HOSTNAME, miner: str = MINER_SS58, network_yam
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("CHUTES_ATTEST_VM_MIRROR", "http://deb.debian.org/debian")
-DEBIAN_PACKAGES = ("systemd", "systemd-sysv", "udev", "python3", "python3-venv", "python3-systemd", "kmod", "iproute2")
+#: the image's own packages; the agent's dependencies come with its .deb (bundled, hash-pinned)
+DEBIAN_PACKAGES = (
+    "systemd", "systemd-sysv", "udev", "python3.11", "kmod", "iproute2",
+    # update-initramfs with the installed hook: initramfs-tools (+ busybox, zstd), and what the hook copies
+    "initramfs-tools", "busybox", "zstd", "cryptsetup-bin", "e2fsprogs",
+)
+#: SOURCE_DATE_EPOCH for the test images (any fixed value: the images are byte-reproducible)
+SOURCE_DATE_EPOCH = 1700000000
 E2E_UNIT = """\
 [Unit]
 Description=chutes-attest VM end-to-end check (test image only)
@@ -487,7 +490,7 @@ FailureAction=poweroff-force
 
 [Service]
 Type=oneshot
-ExecStart=/opt/chutes-attest/bin/python /usr/local/lib/chutes-e2e/guest_check.py
+ExecStart=/usr/lib/chutes-attest/bin/python /usr/local/lib/chutes-e2e/guest_check.py
 StandardOutput=journal+console
 StandardError=journal+console
 TimeoutStartSec=900
@@ -538,39 +541,57 @@ def debian_base() -> Path:
     )
 
 
-def wheels() -> Path:
-    """Wheels of the project + its runtime deps at the versions in the project venv (pip cache helps)."""
-    freeze = _run([str(VENV_PY), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True).stdout
-    src = [REPO / "agent", REPO / "native", REPO / "pyproject.toml", REPO / "setup.py"]
+def package() -> Path:
+    """The chutes-attest .deb built from this checkout by scripts/build-deb.sh (cached by its inputs)."""
+    inputs = [REPO / p for p in ("agent", "native", "debian", "requirements", "initramfs", "systemd",
+                                  "pyproject.toml", "setup.py", "README.md", "scripts/build-deb.sh")]
 
     def build(out: Path) -> None:
-        constraints = out / "constraints.txt"
-        constraints.write_text("".join(ln + "\n" for ln in freeze.splitlines() if "==" in ln))
-        _run(
-            _nice(
-                [
-                    str(VENV_PY),
-                    "-m",
-                    "pip",
-                    "wheel",
-                    "-q",
-                    "--no-build-isolation",
-                    "-w",
-                    str(out / "wheels"),
-                    "-c",
-                    str(constraints),
-                    str(REPO),
-                ]
-            ),
-            capture_output=True,
-        )
+        _run(_nice([str(REPO / "scripts/build-deb.sh"), str(out)]), env={**os.environ, "LINTIAN": "no"},
+             capture_output=True)
 
-    return cached("wheels", digest(*[p for p in src if p.exists()], freeze), build) / "wheels"
+    d = cached("deb", digest(*inputs, builder=False), build)
+    return next(d.glob("chutes-attest_*.deb"))
 
 
-def _chroot(tree: Path, *argv: str) -> None:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    _run(["chroot", str(tree), *argv], env=env, stdout=subprocess.DEVNULL)
+def _chroot(tree: Path, *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+            "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["chroot", str(tree), *argv], env={**base, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL,
+         stderr=subprocess.PIPE)
+
+
+@contextlib.contextmanager
+def _mounts(tree: Path, *binds: tuple[Path, Path]) -> Iterator[None]:
+    """/proc, /sys, /dev (bind) in ``tree`` plus read-only binds ``(host path, path in tree)``; all
+    unmounted again, in reverse order, whatever happens."""
+    done: list[Path] = []
+    try:
+        for fstype, src, rel in (("proc", "proc", "proc"), ("sysfs", "sysfs", "sys")):
+            _run(["mount", "-t", fstype, src, str(tree / rel)])
+            done.append(tree / rel)
+        _run(["mount", "--rbind", "/dev", str(tree / "dev")])
+        _run(["mount", "--make-rslave", str(tree / "dev")])
+        done.append(tree / "dev")
+        for host, rel in binds:
+            _run(["mount", "--bind", "-o", "ro", str(host), str(tree / rel)])
+            done.append(tree / rel)
+        yield
+    finally:
+        for m in reversed(done):
+            subprocess.run(["umount", "-R", str(m)], check=False)
+
+
+def installed_tree(tree: Path) -> None:
+    """The Debian base with the package installed the way an image builder does: ``apt-get install
+    ./chutes-attest_*.deb`` (postinst: sysusers, tmpfiles, socket enabled; nothing hand-placed)."""
+    tree.mkdir(parents=True)
+    _run(["tar", "-C", str(tree), "-xpf", str(debian_base()), "--numeric-owner"])
+    deb = package()
+    shutil.copy2(deb, tree / "tmp" / deb.name)
+    with _mounts(tree):
+        _chroot(tree, "apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}")
+    (tree / "tmp" / deb.name).unlink()
 
 
 def _unit_workarounds(unit_text: str) -> dict[str, str]:
@@ -589,78 +610,23 @@ def _unit_workarounds(unit_text: str) -> dict[str, str]:
     return out
 
 
-def _passwd_ids(tree: Path, user: str) -> tuple[int, int]:
-    for line in (tree / "etc/passwd").read_text().splitlines():
-        f = line.split(":")
-        if f[0] == user:
-            return int(f[2]), int(f[3])
-    raise RuntimeError(f"user {user} not created in the image (sysusers)")
-
-
 def stage2_tree(tree: Path) -> None:
-    """Debian + the project in a venv (Debian's python3-systemd for journald) + units, enabled."""
-    tree.mkdir()
-    _run(["tar", "-C", str(tree), "-xpf", str(debian_base()), "--numeric-owner"])
-    shutil.copytree(wheels(), tree / "tmp/wheels")
-    _chroot(tree, "python3", "-m", "venv", "--system-site-packages", "/opt/chutes-attest")
-    _chroot(
-        tree,
-        "/opt/chutes-attest/bin/pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        "/tmp/wheels",
-        "chutes-attest-agent",
-    )
-    shutil.rmtree(tree / "tmp/wheels")
-    (tree / "usr/bin/chutes-attest").symlink_to("/opt/chutes-attest/bin/chutes-attest")
-    sysd = REPO / "systemd"
-    for unit in ("chutes-attest.service", "chutes-attest.socket"):
-        shutil.copy2(sysd / unit, tree / "etc/systemd/system" / unit)
-    for src, dst in (
-        ("chutes-attest.sysusers.conf", "usr/lib/sysusers.d/chutes-attest.conf"),
-        ("chutes-attest.tmpfiles.conf", "usr/lib/tmpfiles.d/chutes-attest.conf"),
-    ):
-        if (sysd / src).exists():
-            (tree / dst).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(sysd / src, tree / dst)
-    _run(["systemd-sysusers", f"--root={tree}"], stdout=subprocess.DEVNULL)
+    """Debian + the installed package, configured for the test: simulated quotes, the e2e check unit."""
+    installed_tree(tree)
+    sysd = tree / "lib/systemd/system"
     for name, text in _unit_workarounds((sysd / "chutes-attest.service").read_text()).items():
         dropin = tree / "etc/systemd/system/chutes-attest.service.d"
         dropin.mkdir(parents=True, exist_ok=True)
         (dropin / name).write_text(text)
-    # Install step an operator does (systemd never chowns a ConfigurationDirectory): the config readable by
-    # the service group, the service-certificate directory writable by the service (cert made on first start).
-    uid, gid = _passwd_ids(tree, "chutes-attest")
-    conf_dir = tree / "etc/chutes-attest"
-    conf_dir.mkdir(mode=0o750, exist_ok=True)
-    os.chown(conf_dir, 0, gid)
-    conf_dir.chmod(0o750)
-    (conf_dir / "agent.toml").write_text(agent_toml_stage2())
-    os.chown(conf_dir / "agent.toml", 0, gid)
-    (conf_dir / "agent.toml").chmod(0o640)
-    certs = tree / "etc/attestation-service/certs"
-    certs.mkdir(parents=True, exist_ok=True)
-    os.chown(certs, uid, gid)
-    certs.chmod(0o750)
+    # operator configuration: the conffile's content replaced (mode/owner as the package left them)
+    (tree / "etc/chutes-attest/agent.toml").write_text(agent_toml_stage2())
     check = tree / "usr/local/lib/chutes-e2e"
     check.mkdir(parents=True)
     shutil.copy2(REPO / "tests/vm/guest_check.py", check / "guest_check.py")
     (tree / "etc/systemd/system/chutes-attest-e2e.service").write_text(E2E_UNIT)
     (tree / "etc/hostname").write_text(HOSTNAME + "\n")
     (tree / "etc/fstab").write_text("# root is opened and mounted by the initramfs (chutes-attest boot)\n")
-    _run(
-        [
-            "systemctl",
-            f"--root={tree}",
-            "enable",
-            "chutes-attest.socket",
-            "chutes-attest.service",
-            "chutes-attest-e2e.service",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
+    _run(["systemctl", f"--root={tree}", "enable", "chutes-attest-e2e.service"], stderr=subprocess.DEVNULL)
     # a quiet console: no login prompt interleaving with the results
     _run(
         ["systemctl", f"--root={tree}", "mask", "serial-getty@ttyS0.service", "getty@tty1.service"],
@@ -672,8 +638,8 @@ def root2() -> LuksDisk:
     """Stage-2 LUKS2 root: Debian with systemd and the project, encrypted offline like stage 1."""
     key = digest(
         debian_base().parent.name,
-        wheels().parent.name,
-        REPO / "systemd",
+        package().name,
+        package().parent.name,
         REPO / "tests/vm/guest_check.py",
         json.dumps(_unit_workarounds((REPO / "systemd/chutes-attest.service").read_text())),
         E2E_UNIT,
