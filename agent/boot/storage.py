@@ -10,7 +10,10 @@ hands the keys here. Per volume, in order:
 2. **Key**: ``current``; when ``current`` is null, ``next`` is the key and there is no rotation.
 3. **LUKS** → header policy on a private copy, open (or ``--test-passphrase``) as ``<label>``.
    **Not LUKS** (first use) → ``wipefs -a``, zero 10 MiB, ``luksFormat --type luks2 --label <label>``,
-   open, ``mkfs.xfs -L <label>`` (only when really opened), ``rotated = true``. (sek8s also runs
+   open, ``mkfs.xfs -L <label>`` (only when really opened), ``rotated = true`` when the key was ``next``
+   (``current`` null). A raw volume for which the validator still holds ``current`` is formatted with
+   ``current`` and reports ``rotated = true`` only if ``next`` is then added (sek8s marks it rotated
+   regardless, so a failed add makes its validator promote a key no slot holds). (sek8s also runs
    ``cryptsetup erase`` here; after the zeroing there is no LUKS header left for it to erase, so it is
    not run.) ``isLuks`` errors other than "not LUKS" fail: they must never lead to a re-format.
 4. ``storage`` only, only with a real mapping: mount it, delete ``rancher-config/k3s.yaml``; if the
@@ -123,8 +126,13 @@ class VolumeState:
 
     @property
     def rotated(self) -> bool:
-        """What the confirm body says: the validator must keep the key the volume now needs."""
-        return self.formatted or self.next_added
+        """What the confirm body says: the validator must keep the key the volume now needs.
+
+        ``true`` makes the validator promote ``next``. A volume formatted with ``next`` (``current`` was
+        null: ``next`` is None here) needs that; one formatted with ``current`` only once ``next`` was
+        added, else the validator would drop the one key that opens it.
+        """
+        return self.next_added or (self.formatted and self.next is None)
 
 
 @dataclass
@@ -307,9 +315,13 @@ def _sha384_nofollow(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return h.digest()  # a link or unreadable entry: still a non-baseline measurement
-    with os.fdopen(fd, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+    try:
+        while chunk := os.read(fd, 1 << 20):  # os.read: a directory fails here (EISDIR), not in fdopen
             h.update(chunk)
+    except OSError:
+        pass  # a directory or an I/O error: what was read is still a non-baseline measurement
+    finally:
+        os.close(fd)
     return h.digest()
 
 
