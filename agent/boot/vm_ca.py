@@ -32,6 +32,7 @@ freed, not cleared.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -176,11 +177,15 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytearray:
 
 
 def _write(path: Path, data: bytes | bytearray, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    """``write_atomic`` (+ owner); on failure its scratch file (``<path>.tmp-<pid>``), which may hold part
+    of a private key, is overwritten and removed before the error goes up."""
     try:
         write_atomic(path, data, mode)
         if uid is not None or gid is not None:
             os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            _shred(Path(f"{path}.tmp-{os.getpid()}"))
         raise VMCAError(f"{path}: {exc.strerror or exc}") from None
     finally:
         if isinstance(data, bytearray):
@@ -197,8 +202,14 @@ def write_ca(ca: ClientIdentity, directory: str | os.PathLike[str] = CA_DIR) -> 
     d = Path(directory)
     _ensure_run_dir(d.parent)
     _ensure_dir(d, 0o700)
-    _write(d / "ca.key", _key_pem(ca.key), 0o600)  # type: ignore[arg-type]
-    _write(d / "ca.crt", ca.cert_pem, 0o644)
+    try:
+        _write(d / "ca.key", _key_pem(ca.key), 0o600)  # type: ignore[arg-type]
+        _write(d / "ca.crt", ca.cert_pem, 0o644)
+    except VMCAError:
+        # The flow removes CA files only once write_ca returned: a half-written CA must not leave its key.
+        with contextlib.suppress(OSError):
+            remove_ca(d)
+        raise
     log.info("boot.vm_ca.written", directory=str(d), spki_sha256=ca.spki_sha256.hex())
 
 
