@@ -208,7 +208,8 @@ def _verify_chain(leaf: x509.Certificate, ca: x509.Certificate, ca_path: Path) -
     may lack an authority key identifier as ``openssl x509 -req`` leaves do). The 1.4.0 CA is made with
     ``OPENSSL_CONF=/dev/null`` and may carry no extensions at all, which that profile cannot accept as a
     CA; such a root is checked directly: self-signed, the leaf's issuer and signature, both validity
-    windows, and a leaf that is not a CA and may serve TLS.
+    windows, a CA whose keyUsage (if any) allows certificate signing, a leaf with another key than the CA's
+    that is not a CA, may serve TLS and names ``attestation-service`` (as the path validation asks).
     """
     from cryptography.x509.oid import ExtendedKeyUsageOID
     from cryptography.x509.verification import (
@@ -243,11 +244,26 @@ def _verify_chain(leaf: x509.Certificate, ca: x509.Certificate, ca_path: Path) -
             raise HandoffIdentityError(
                 f"{name} not valid now (valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                 f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    if leaf.public_key() == ca.public_key():
+        raise HandoffIdentityError(f"hand-off leaf is the VM root CA itself ({ca_path}): the CA key must not be "
+                                   "the served key")
+    try:
+        if not ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+            raise HandoffIdentityError(f"VM root CA {ca_path}: keyUsage present without keyCertSign, it may not "
+                                       "sign certificates")
+    except x509.ExtensionNotFound:
+        pass
     try:
         ca.verify_directly_issued_by(ca)
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise HandoffIdentityError(f"hand-off leaf is not issued by {ca_path}: {exc or type(exc).__name__}") from None
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    if names is None or LEAF_DNS_NAME not in names.get_values_for_type(x509.DNSName):
+        raise HandoffIdentityError(f"hand-off leaf's subjectAltName does not name {LEAF_DNS_NAME}")
     try:
         if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise HandoffIdentityError("hand-off leaf is a CA certificate")
