@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, NoReturn, TextIO, cast
 
 import structlog
 
@@ -66,7 +66,7 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> Any:  # never pickled into a cache or a queue by accident
+    def __reduce__(self) -> NoReturn:  # never pickled into a cache or a queue by accident
         raise TypeError("Secret values cannot be pickled")
 
 
@@ -163,7 +163,7 @@ class JournaldRenderer:
     """Final processor: send one journald entry with every event field as its own field."""
 
     def __init__(self) -> None:
-        from systemd import journal  # type: ignore[import-not-found]
+        from systemd import journal
 
         self._send = journal.send
 
@@ -189,7 +189,7 @@ class JournaldRenderer:
 def journald_available() -> bool:
     """True when systemd-python imports and a journal socket exists."""
     try:
-        import systemd.journal  # type: ignore[import-not-found]  # noqa: F401
+        import systemd.journal  # noqa: F401
     except ImportError:
         return False
     return os.path.exists("/run/systemd/journal/socket")
@@ -216,7 +216,7 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str:
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> str:
     """Configure structlog for the whole process; returns the format actually used.
 
     ``journald`` falls back to JSON on stderr (with a warning) when systemd-python is missing, so a
@@ -224,7 +224,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> str
     """
     global _configured_format
     resolved = _resolve_format(fmt)
-    out = stream if stream is not None else _CurrentStderr()
+    # structlog only calls write/flush (and we call isatty): the proxy stands in for a TextIO
+    out = stream if stream is not None else cast(TextIO, _CurrentStderr())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _enrich,  # add_log_level + TimeStamper(iso, utc) + redaction + MESSAGE_ID, fused: runs on every line

@@ -46,6 +46,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from agent.cli import EXIT_BAD_INPUT, EXIT_OK, add_json_flag
 from agent.config import AgentConfig
@@ -158,7 +159,19 @@ def _unpack(fmt: str, data: bytes, off: int) -> int:
         raise MeasureError(f"kernel: PE header field at {off:#x} lies past the end of the file") from None
 
 
-def measure(kernel: Path, initrd: Path, cmdline: str, initrd_arg: str = "prepend") -> dict[str, object]:
+class Measurement(TypedDict):
+    """What :func:`measure` predicts (hex strings), the same keys ``--json`` prints."""
+
+    load_options: str
+    initrd_sha384: str
+    rtmr2: str
+    rtmr2_events: list[dict[str, str]]
+    kernel_authenticode_sha384: str
+    rtmr1: str
+    rtmr1_events: list[dict[str, str]]
+
+
+def measure(kernel: Path, initrd: Path, cmdline: str, initrd_arg: str = "prepend") -> Measurement:
     """Every event digest and the two registers, as plain data (hex strings)."""
     if "\x00" in cmdline:
         raise MeasureError("cmdline: contains a NUL character (QEMU would cut it there)")
@@ -222,7 +235,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         print(json.dumps(result, indent=2))
         return EXIT_OK
     print(f"load options : {result['load_options']!r}")
-    for ev in result["rtmr2_events"]:  # type: ignore[union-attr]
+    for ev in result["rtmr2_events"]:
         print(f"  rtmr2 event: {ev['sha384']}  {ev['event']}")
     print(f"RTMR2        : {result['rtmr2']}")
     print(f"kernel (Authenticode SHA-384): {result['kernel_authenticode_sha384']}")

@@ -142,7 +142,8 @@ class _Session:
         return out
 
     def nv_indexes(self) -> set[int]:
-        p, found, start = self.p, set(), NV_INDEX_FIRST
+        p, start = self.p, NV_INDEX_FIRST
+        found: set[int] = set()
         while True:
             more, cap = self.ctx.get_capability(p.TPM2_CAP.HANDLES, start, 128)
             handles = [cap.data.handles.handle[i] for i in range(cap.data.handles.count)]

@@ -1,6 +1,6 @@
 """Type stub for the C extension (native/tdxquote.c); field names come from native/tdxquote_core.h."""
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 from agent.errors import BadInputError
 
@@ -11,6 +11,7 @@ class QuoteError(BadInputError, ValueError):
     field: str
     offset: int
 
+@disjoint_base  # a C struct layout (QuoteObject): cannot be combined with another such base
 class Quote:
     def __new__(cls, buffer: Buffer, /) -> Quote: ...
     # header

@@ -7,9 +7,12 @@ adds conveniences that need no speed (PEM splitting, ``to_dict`` for JSON, a rea
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.quote import _tdxquote
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 QuoteError = _tdxquote.QuoteError
 
@@ -63,7 +66,7 @@ class Quote(_tdxquote.Quote):
                 f" trailing={self.trailing_len} mr_td={self.mr_td.hex()[:16]}… debug={self.debug}>")
 
 
-def parse_quote(buf: Any) -> Quote:
+def parse_quote(buf: Buffer) -> Quote:
     """Parse a TDX quote from any buffer-protocol object (bytes, bytearray, memoryview, mmap).
 
     The buffer is held (not copied) for the life of the Quote. Raises :class:`QuoteError`, a

@@ -19,18 +19,22 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.checks import Check
 from agent.quote import _tdxquote
 from agent.quote.parser import Quote, parse_quote
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 #: SHA-256 of the DER of Intel's SGX Root CA (CN=Intel SGX Root CA, 2018-05-21..2049-12-31): the root
 #: embedded in every real PCK chain and byte-identical to the anchor compiled into dcap-qvl 0.7.0.
@@ -78,7 +82,7 @@ def _p256_key(raw_xy: bytes) -> ec.EllipticCurvePublicKey:
     return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw_xy)
 
 
-def _verify_raw(key: Any, raw_rs: bytes, message: bytes) -> None:
+def _verify_raw(key: CertificatePublicKeyTypes, raw_rs: bytes, message: bytes) -> None:
     """Verify a raw r‖s (big-endian, 32+32) ECDSA-P256-SHA256 signature; raises on failure."""
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise TypeError(f"expected a P-256 public key, got {type(key).__name__}")
@@ -173,7 +177,7 @@ def _check_chain(chain: list[x509.Certificate] | None, why: str, root: x509.Cert
                              f"(root sha256 {root_fp})")
 
 
-def verify_quote(q_or_bytes: Any, root_ca_pem: bytes | None = None, *,
+def verify_quote(q_or_bytes: _tdxquote.Quote | Buffer, root_ca_pem: bytes | None = None, *,
                  now: dt.datetime | None = None) -> VerifyResult:
     """Run the four signature self-checks; ``root_ca_pem`` None means the pinned Intel SGX Root CA.
 

@@ -159,14 +159,15 @@ def load_or_create_sim_pki(state_dir: str | os.PathLike[str]) -> SimPki:
             write_atomic(kpath, key_pem, 0o600)
             write_atomic(cpath, cert.public_bytes(serialization.Encoding.PEM), 0o600)
         log.warning("sim.pki_created", state_dir=str(d), reason="simulated PCK chain, never trusted")
-    loaded = []
+    loaded: list[tuple[ec.EllipticCurvePrivateKey, x509.Certificate]] = []
     for n in _FILES:
         kpath, cpath = paths[n]
-        key = serialization.load_pem_private_key(kpath.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
+        ec_key = serialization.load_pem_private_key(kpath.read_bytes(), password=None)
+        if not isinstance(ec_key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{kpath}: not an EC private key")
-        loaded += [key, x509.load_pem_x509_certificate(cpath.read_bytes())]
-    return SimPki(*loaded)
+        loaded.append((ec_key, x509.load_pem_x509_certificate(cpath.read_bytes())))
+    (root_key, root), (platform_key, platform), (pck_key, pck) = loaded
+    return SimPki(root_key, root, platform_key, platform, pck_key, pck)
 
 
 def _raw_sig(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:

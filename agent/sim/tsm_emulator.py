@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import RawArray, RawValue
 from typing import Any
 
 from fuse import FuseOSError, Operations
@@ -65,12 +66,13 @@ class TsmFaults:
     def __init__(self) -> None:
         ctx = multiprocessing.get_context("fork")
         self._lock = ctx.Lock()
-        self._counts = {name: ctx.Value(ctypes.c_int64, 0, lock=False) for name in _COUNTERS}
-        self._delay = ctx.Value(ctypes.c_double, 0.0, lock=False)
-        self._provider = ctx.Array(ctypes.c_char, 64, lock=False)
+        # Raw* == ctx.Value/Array(lock=False) (the lock above guards them), typed as the ctypes objects they are
+        self._counts = {name: RawValue(ctypes.c_int64, 0) for name in _COUNTERS}
+        self._delay = RawValue(ctypes.c_double, 0.0)
+        self._provider = RawArray(ctypes.c_char, 64)
         self._provider.value = b"tdx_guest"
-        self._quotes = ctx.Value(ctypes.c_int64, 0, lock=False)
-        self._entries_created = ctx.Value(ctypes.c_int64, 0, lock=False)
+        self._quotes = RawValue(ctypes.c_int64, 0)
+        self._entries_created = RawValue(ctypes.c_int64, 0)
 
     # -- steering (parent) ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.sharedctypes import RawArray, RawValue
 from typing import Any
 
 from fuse import FuseOSError, Operations
@@ -36,10 +37,11 @@ class MrState:
     def __init__(self, mr_td: bytes = bytes(DIGEST_LEN)) -> None:
         ctx = multiprocessing.get_context("fork")
         self._lock = ctx.Lock()
-        self._regs = ctx.Array(ctypes.c_char, 4 * DIGEST_LEN, lock=False)
+        # Raw* == ctx.Value/Array(lock=False) (the lock above guards them), typed as the ctypes objects they are
+        self._regs = RawArray(ctypes.c_char, 4 * DIGEST_LEN)
         self._mrtd = bytes(mr_td)
-        self._fail = ctx.Value(ctypes.c_int64, 0, lock=False)
-        self._extends = ctx.Value(ctypes.c_int64, 0, lock=False)
+        self._fail = RawValue(ctypes.c_int64, 0)
+        self._extends = RawValue(ctypes.c_int64, 0)
 
     @property
     def mr_td(self) -> bytes:
@@ -53,7 +55,7 @@ class MrState:
         with self._lock:
             old = bytes(self._regs.raw[index * DIGEST_LEN : (index + 1) * DIGEST_LEN])
             new = hashlib.sha384(old + digest).digest()
-            self._regs[index * DIGEST_LEN : (index + 1) * DIGEST_LEN] = new
+            self._regs[index * DIGEST_LEN : (index + 1) * DIGEST_LEN] = new  # type: ignore[call-overload]  # typeshed: c_char arrays take bytes slices
             self._extends.value += 1
             return new
 

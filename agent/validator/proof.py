@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import NoReturn
 
 import base58
 import sr25519
@@ -222,7 +223,8 @@ class Hotkey:
         """64-byte sr25519 signature (context ``substrate``; randomized: compare by verifying, never by bytes)."""
         if not self._secret:
             raise WipedKeyError("hotkey was wiped after the last signed call; it cannot sign again")
-        return sr25519.sign((self._public, bytes(self._secret)), bytes(message))
+        sig: bytes = sr25519.sign((self._public, bytes(self._secret)), bytes(message))  # untyped binding
+        return sig
 
     def wipe(self) -> None:
         """Zero and drop the secret (see the module docstring for what Python cannot reach)."""
@@ -234,7 +236,7 @@ class Hotkey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("Hotkey values cannot be pickled")
 
 
