@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 . ./scripts/venv.sh
 ruff check agent tests bench initramfs scripts
+mypy  # [tool.mypy] in pyproject.toml: all of agent/, strict on quote/ evidence/ validator/
 python -m pytest "$@"

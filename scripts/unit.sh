@@ -13,4 +13,5 @@ if [ ! -e "$stamp" ]; then
     python -m pip install -q -e ".[unit]"
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
+mypy  # the type check is part of the loop ([tool.mypy] in pyproject.toml)
 python -m pytest -m unit -q "$@"
