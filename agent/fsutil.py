@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | bytearray, mode: int) -> None:
-    """Write ``data`` to a temp file with ``mode`` (set before any byte lands), fsync, rename over ``path``."""
+    """Write ``data`` to a fresh temp file with ``mode`` (set before any byte lands), fsync, rename over ``path``.
+
+    The temp name is unpredictable and created with ``O_EXCL | O_NOFOLLOW``, so a planted file or symlink in
+    the directory can neither receive the bytes nor redirect them. On any failure the temp file is
+    overwritten with zeros and removed: a cut write never leaves part of a key behind under another name.
+    """
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    done = False
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if not done:
+            _shred(fd, tmp, len(data))
+
+
+def _shred(fd: int, tmp: str, size: int) -> None:
+    """Best effort: zero what may have landed in the temp file, then unlink it."""
+    with contextlib.suppress(OSError):
+        if fd < 0:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.pwrite(fd, bytes(size), 0)
+        os.fsync(fd)
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
