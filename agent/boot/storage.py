@@ -33,8 +33,6 @@ added keeps both keys until finalize, so a failure anywhere in between leaves ev
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import os
@@ -42,13 +40,12 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agent.boot import blockdev
+from agent.boot import artifacts, blockdev
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.luks_header import HeaderSummary, LuksHeaderError
 from agent.boot.volumes import unlock_validated
 from agent.config import BootConfig
 from agent.errors import AgentError
-from agent.fsutil import write_atomic
 from agent.log import Secret, get_logger
 
 log = get_logger(__name__)
@@ -448,25 +445,14 @@ resources:
 def write_k3s_encryption_config(path: str, key_b64: Secret | None, *, generation: str = "1.4") -> None:
     """``/run/chutes/k3s-encryption-config.yaml`` (0600): secretbox ``key1`` then identity (§5).
 
-    The key must be standard base64 of exactly 32 bytes; missing or malformed → fail closed
-    (1.3.x marker ``K3S-ENCRYPTION-KEY-MISSING``, 1.4.0 ``STORAGE-SETUP-FAILED``).
+    One writer for the file (:func:`agent.boot.artifacts.write_k3s_encryption_config`: the key is checked by
+    its shape, never decoded into a spare copy); this wrapper only picks the generation's marker
+    (1.3.x ``K3S-ENCRYPTION-KEY-MISSING``, 1.4.0 ``STORAGE-SETUP-FAILED``). Missing or malformed → fail closed.
     """
     marker = K3S_MARKER if generation == "1.3" else MARKER
     if key_b64 is None or not len(key_b64):
         raise StorageError("k3s_encryption_key missing from the validator's answer", marker=marker)
-    raw = key_b64.reveal()
     try:
-        n = len(base64.b64decode(raw, validate=True))
-    except (binascii.Error, ValueError):
-        raise StorageError("k3s_encryption_key is not standard base64", marker=marker) from None
-    if n != 32:
-        raise StorageError(f"k3s_encryption_key decodes to {n} bytes, secretbox needs 32", marker=marker)
-    head, tail = K3S_CONFIG_TEMPLATE.split("{key}")
-    data = bytearray(head.encode()) + raw + tail.encode()
-    try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        write_atomic(path, data, 0o600)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror}", marker=marker) from None
-    finally:
-        data[:] = bytes(len(data))
+        artifacts.write_k3s_encryption_config(path, key_b64.reveal())
+    except artifacts.ArtifactError as exc:
+        raise StorageError(exc.detail, marker=marker) from None

@@ -375,9 +375,9 @@ def test_k3s_config_exact(tmp_path: Path) -> None:
     (None, "1.3", "K3S-ENCRYPTION-KEY-MISSING", "missing"),
     (None, "1.4", "STORAGE-SETUP-FAILED", "missing"),
     ("", "1.4", "STORAGE-SETUP-FAILED", "missing"),
-    ("not base64!", "1.4", "STORAGE-SETUP-FAILED", "not standard base64"),
-    (base64.b64encode(bytes(16)).decode(), "1.4", "STORAGE-SETUP-FAILED", "decodes to 16 bytes"),
-    (base64.b64encode(bytes(32)).decode() + "\n", "1.4", "STORAGE-SETUP-FAILED", "not standard base64"),
+    ("not base64!", "1.4", "STORAGE-SETUP-FAILED", "standard base64 of exactly 32 bytes"),
+    (base64.b64encode(bytes(16)).decode(), "1.4", "STORAGE-SETUP-FAILED", "standard base64 of exactly 32 bytes"),
+    (base64.b64encode(bytes(32)).decode() + "\n", "1.4", "STORAGE-SETUP-FAILED", "standard base64 of exactly 32"),
 ])
 def test_k3s_config_refusals(tmp_path: Path, value: str | None, generation: str, marker: str, message: str) -> None:
     path = tmp_path / "k3s.yaml"
