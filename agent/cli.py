@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 from agent import __version__, log
 from agent import config as config_mod
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandModule(Protocol):
+    """What every ``agent.commands.*`` module provides (see the module docstring)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace, cfg: config_mod.AgentConfig) -> int: ...
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.commands.wiring import install_simulations
 
     install_simulations()
-    module: Any = args._module
+    module: CommandModule = args._module
     try:
         return int(module.run(args, cfg) or 0)
     except AgentError as exc:

@@ -14,7 +14,6 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.cli import EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
 from agent.config import AgentConfig
@@ -98,7 +97,8 @@ def check_gpus(cfg: AgentConfig) -> list[Check]:
     from agent.evidence.gpu_sources import make_gpu_source
 
     try:
-        src: Any = make_gpu_source(cfg)
+        src = make_gpu_source(cfg)
+        assert src is not None  # None only when gpu.enabled is false, answered above
         devices = asyncio.run(src.devices(None))
     except (EvidenceError, ValueError, OSError) as exc:
         return [Check("nvml", "fail", f"NVML unavailable: {exc}"), Check("cc_mode", "skip", "needs NVML")]

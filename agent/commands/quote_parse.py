@@ -14,11 +14,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from agent.cli import EXIT_OK, EXIT_VERIFY_FAILED, add_json_flag
 from agent.config import AgentConfig
 from agent.errors import BadInputError, UsageError
+
+if TYPE_CHECKING:  # the quote modules load inside run() (fast --help)
+    from agent.quote import Quote, VerifyResult
 
 _HEX = re.compile(rb"\A(?:0x)?[0-9a-fA-F]+\Z")
 _B64 = re.compile(rb"\A[A-Za-z0-9+/_-]+={0,2}\Z")
@@ -60,7 +63,7 @@ _TD15EX_ONLY = ("vmid", "td_id", "dev_info", "init_servtd_hash", "init_servtd_at
                 "init_tee_tcb_svn", "init_tee_fmspc", "cur_servtd_hash", "cur_servtd_attributes")
 
 
-def _fmt_value(value: Any) -> str:
+def _fmt_value(value: object) -> str:
     if isinstance(value, list):
         return "..".join(str(v) for v in value)
     if isinstance(value, str) and "\n" in value:
@@ -68,7 +71,7 @@ def _fmt_value(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _print_text(q: Any, encoding: str, result: Any) -> None:
+def _print_text(q: Quote, encoding: str, result: VerifyResult | None) -> None:
     d = q.to_dict()
     d.pop("pck_certs")
     if q.body_type != 4:

@@ -9,11 +9,9 @@ a configuration error, never a silent simulation.
 
 from __future__ import annotations
 
-from typing import Any
-
 from agent.config import AgentConfig
 from agent.evidence import gpu_sources, sources
-from agent.evidence.base import QuoteSource
+from agent.evidence.base import GpuEmulation, QuoteSource
 
 
 def _simulated_quote_source(cfg: AgentConfig) -> QuoteSource:
@@ -22,7 +20,7 @@ def _simulated_quote_source(cfg: AgentConfig) -> QuoteSource:
     return SimulatedQuoteSource(cfg.quote.simulated_state_dir)
 
 
-def _install_gpu_emulation(spec: str) -> Any:
+def _install_gpu_emulation(spec: str) -> GpuEmulation:
     from agent.sim.fake_nvml import install_from_spec
 
     return install_from_spec(spec)

@@ -6,6 +6,7 @@ logic, and so ``boot``/``serve`` depend on these shapes rather than on concrete 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import AgentError
@@ -49,6 +50,15 @@ class QuoteSource(Protocol):
     name: str
 
     def get_quote(self, report_data: bytes) -> bytes: ...
+
+
+class GpuEmulation(Protocol):
+    """An installed NVML emulation (``gpu.emulate``): its simulated GPUs and how to remove it again."""
+
+    @property
+    def gpus(self) -> Sequence[object]: ...
+
+    def uninstall(self) -> None: ...
 
 
 @runtime_checkable

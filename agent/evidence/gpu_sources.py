@@ -8,17 +8,16 @@ emulation, and then a warning is logged. The emulated GPUs run behind the same p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from agent.config import AgentConfig, ConfigError
-from agent.evidence.base import GpuEvidenceSource
+from agent.evidence.base import GpuEmulation, GpuEvidenceSource
 from agent.log import get_logger
 
 log = get_logger(__name__)
 
-#: Installs an emulated NVML for a spec like "h100x8" and returns its handle (with ``.gpus``,
-#: ``.uninstall()``); registered by the composition root (``agent.commands.wiring``).
-GpuEmulationInstaller = Callable[[str], Any]
+#: Installs an emulated NVML for a spec like "h100x8" and returns its handle; registered by the composition
+#: root (``agent.commands.wiring``).
+GpuEmulationInstaller = Callable[[str], GpuEmulation]
 _emulation_installer: GpuEmulationInstaller | None = None
 
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from agent.config import GpuConfig
-from agent.evidence.base import GpuEvidenceError
+from agent.evidence.base import GpuEmulation, GpuEvidenceError
 from agent.evidence.device_info import device_info, parse_gpu_ids, select_indices
 from agent.exitcodes import EXIT_UNAVAILABLE
 from agent.log import get_logger
@@ -84,7 +84,7 @@ def _explain(exc: pynvml.NVMLError, what: str) -> GpuEvidenceError:
     return err
 
 
-def _check_nonce(nonce: Any) -> bytes:
+def _check_nonce(nonce: object) -> bytes:
     if not isinstance(nonce, bytes | bytearray) or len(nonce) != NONCE_LEN:
         got = f"{len(nonce)} bytes" if isinstance(nonce, bytes | bytearray) else type(nonce).__name__
         raise ValueError(f"nonce: expected exactly {NONCE_LEN} bytes, got {got}")
@@ -106,7 +106,7 @@ class NvmlGpuSource:
         self._chains: dict[str, bytes] = {}
         self._verify_root_pem = verify_root_pem
         #: The emulated NVML installed for this source (gpu.emulate), undone by close(); None = real NVML.
-        self.emulation: Any = None
+        self.emulation: GpuEmulation | None = None
 
     # -- call plumbing -------------------------------------------------------------------------------
     def _guarded(self, what: str, fn: Callable[..., T], *args: Any) -> T:

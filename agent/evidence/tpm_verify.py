@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.checks import Check, CheckResult
@@ -180,7 +181,7 @@ def pcr_digest(hash_alg: int, selection: tuple[PcrSelection, ...], pcrs: dict[st
     return h.finalize()
 
 
-def verify_signature(public_key: Any, sig: Signature, message: bytes) -> None:
+def verify_signature(public_key: PublicKeyTypes, sig: Signature, message: bytes) -> None:
     """Raise InvalidSignature (or TpmParseError for a key/scheme mismatch) unless ``sig`` is valid."""
     algo = HASH_ALGS[sig.hash_alg][1]()
     if sig.alg == SIG_ECDSA:
@@ -303,7 +304,7 @@ def verify_tpm_evidence(evidence: dict[str, Any], nonce: bytes) -> TpmVerifyResu
     return TpmVerifyResult(checks, attest=attest, info=info)
 
 
-def _describe(key: Any) -> str:
+def _describe(key: PublicKeyTypes) -> str:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return f"EC {key.curve.name}"
     if isinstance(key, rsa.RSAPublicKey):
