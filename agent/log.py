@@ -255,7 +255,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     return resolved
 
 
-def get_logger(name: str | None = None, **initial: Any) -> Any:
+def get_logger(name: str | None = None, **initial: Any) -> structlog.typing.FilteringBoundLogger:
     """A lazy structlog logger (configuration applies even when created at import time).
 
     ``name`` becomes the ``module`` field (structlog reserves the ``logger`` keyword).
