@@ -16,7 +16,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.names import ss58_encode
@@ -143,6 +143,9 @@ def make_config_volume(path: str, *, hostname: str, hotkey: str, network_yaml: s
     make_ext4_image(path, files, label=label)
 
 
+_T = TypeVar("_T")
+
+
 class FaultyCryptsetup(Cryptsetup):
     """The real wrapper with one injected failure, to prove every failure point leaves an openable disk.
 
@@ -162,7 +165,7 @@ class FaultyCryptsetup(Cryptsetup):
         self.calls: dict[str, int] = {}
         self.injected = False
 
-    def _step(self, name: str, run: Callable[[], Any]) -> Any:
+    def _step(self, name: str, run: Callable[[], _T]) -> _T:
         self.calls[name] = self.calls.get(name, 0) + 1
         hit = name == self.fail and self.calls[name] == self.nth
         if hit and not self.after:
