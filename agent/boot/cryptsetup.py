@@ -237,7 +237,8 @@ class Cryptsetup:
 
     def add_key(self, device: str, current: Secret, new: Secret, *, kdf: Kdf | None = None) -> None:
         """``luksAddKey``: a new keyslot for ``new``, authorised by ``current`` (both via memfds)."""
-        args = ["luksAddKey", "--batch-mode", *(kdf or Kdf()).args(), KeyArg(0, "--key-file="), device, KeyArg(1)]
+        args: list[str | KeyArg] = ["luksAddKey", "--batch-mode", *(kdf or Kdf()).args(), KeyArg(0, "--key-file="),
+                                    device, KeyArg(1)]
         self._run("luksAddKey", args, keys=(current, new))
 
     def kill_slot(self, device: str, slot: int, auth: Secret) -> None:

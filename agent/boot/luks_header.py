@@ -15,7 +15,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from agent.errors import VerificationError
 
@@ -80,7 +80,7 @@ def check_binary_header(head: bytes) -> tuple[int, str, str]:
     return hdr_size, uuid, label
 
 
-def _one_of(value: Any, allowed: frozenset[str]) -> bool:
+def _one_of(value: object, allowed: frozenset[str]) -> TypeGuard[str]:
     """Membership that cannot crash on unhashable JSON values (lists, objects)."""
     return isinstance(value, str) and value in allowed
 
