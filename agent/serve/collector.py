@@ -16,7 +16,7 @@ import base64
 import time
 import uuid as uuid_mod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.evidence.base import EvidenceError, GpuEvidenceSource, QueueFullError
@@ -25,6 +25,9 @@ from agent.evidence.report_data import parse_nonce
 from agent.evidence.tpm import collect_tpm_evidence, resolve_tcti
 from agent.log import get_logger
 from agent.serve.service_cert import ServiceCert
+
+if TYPE_CHECKING:
+    from agent.evidence.quote_queue import QuoteQueue
 
 log = get_logger(__name__)
 
@@ -73,7 +76,8 @@ def compat_gpu_id(raw: str) -> str | None:
 class Collector:
     """Quote + GPU evidence + device info for one nonce, bound to the service certificate."""
 
-    def __init__(self, cfg: AgentConfig, cert: ServiceCert, queue: Any, gpu: GpuEvidenceSource | None) -> None:
+    def __init__(self, cfg: AgentConfig, cert: ServiceCert, queue: QuoteQueue,
+                 gpu: GpuEvidenceSource | None) -> None:
         self.cfg = cfg
         self.cert = cert
         self.queue = queue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -13,6 +13,9 @@ from agent.config import AgentConfig
 from agent.serve.collector import Collector
 from agent.serve.ratelimit import KeyedLimiter
 from agent.serve.rint import NonceStore
+
+if TYPE_CHECKING:
+    from agent.serve.connections import ConnTracker
 
 CTX_KEY: web.AppKey[ServiceContext] = web.AppKey("chutes_attest_ctx")
 
@@ -29,7 +32,7 @@ class ServiceContext:
     measurements: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     counters: Counter[str] = field(default_factory=Counter)
-    trackers: dict[str, Any] = field(default_factory=dict)
+    trackers: dict[str, ConnTracker] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=lambda: {"status": "starting"})
 
     @classmethod

@@ -9,7 +9,8 @@ filter (:meth:`agent.serve.collector.Collector.compat_gpu_selection`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -91,7 +92,10 @@ def rate_limit(limiter: KeyedLimiter, peer: Peer, what: str) -> None:
                        headers={"Retry-After": retry_after_header(wait)})
 
 
-async def evidence_call(coro: Any) -> Any:
+_T = TypeVar("_T")
+
+
+async def evidence_call(coro: Awaitable[_T]) -> _T:
     """Await hardware work, mapping evidence errors to HTTP: 429 queue full, 504 deadline, 400 unknown
     GPU id, 503 source unavailable."""
     try:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from agent.evidence.quote_queue import RESERVED_LANE, queue_lane
 from agent.log import get_logger
@@ -37,8 +39,8 @@ def _route_name(request: web.Request) -> str:
 
 def make_middleware(
     tracker: ConnTracker, *, socket_name: str, render: Renderer, max_body: int, timeout_s: float,
-    counters: Any, no_timeout: frozenset[tuple[str, str]] = frozenset(), reserved_lane: bool = False,
-) -> Any:
+    counters: Counter[str], no_timeout: frozenset[tuple[str, str]] = frozenset(), reserved_lane: bool = False,
+) -> Middleware:
     """Build the middleware for one socket; ``no_timeout`` lists (method, path) that never wait on I/O.
 
     ``reserved_lane``: quotes requested through this socket use the quote queue's reserved capacity
@@ -87,8 +89,8 @@ def make_middleware(
                 headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
                 resp = json_response(render(ApiError(exc.status, code, detail)), exc.status, headers)
             except TimeoutError:
-                err = ApiError(504, "timeout", f"request took longer than {timeout_s:g}s")
-                resp = json_response(render(err), 504)
+                timeout_err = ApiError(504, "timeout", f"request took longer than {timeout_s:g}s")
+                resp = json_response(render(timeout_err), 504)
             except ConnectionError:
                 status = 499  # the caller went away (or was cut off) while its request was read
                 raise

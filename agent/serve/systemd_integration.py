@@ -18,7 +18,7 @@ def listen_sockets(environ: Mapping[str, str] | None = None, *, unset: bool = Tr
     """Sockets passed by systemd, by ``FileDescriptorName=`` (unnamed ones are ``fd<N>``); {} when none."""
     if environ is None:
         try:
-            from systemd import daemon  # type: ignore[import-not-found]
+            from systemd import daemon
         except ImportError:
             pass
         else:
@@ -73,7 +73,7 @@ class Notifier:
         self._send = None
         if self.address:
             try:
-                from systemd import daemon  # type: ignore[import-not-found]
+                from systemd import daemon
 
                 self._send = daemon.notify
             except ImportError:
