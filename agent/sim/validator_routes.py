@@ -189,8 +189,10 @@ async def _apply_fault(req: web.Request, handler: Any, fault: Fault) -> web.Stre
 
 
 @web.middleware
-async def _front_middleware(req: web.Request, handler: Any) -> web.StreamResponse:
+async def _front_middleware(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Provenance (only nginx talks to the app), which front, route guards, then faults."""
+    req = request  # aiohttp's Middleware protocol names the parameter ``request``
     state: ValidatorState = req.app[STATE_KEY]
     if not _hdr_is(req, nginx_mod.FRONT_AUTH_HEADER, state.front_auth):
         return _json(403, {"detail": "request did not come through the attestation proxy"})
