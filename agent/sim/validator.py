@@ -46,7 +46,7 @@ import secrets
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from cryptography import x509
@@ -74,6 +74,9 @@ from agent.sim.validator_state import (
     simulated_measurement,
     simulated_measurements,
 )
+
+if TYPE_CHECKING:
+    from agent.validator.proof import Hotkey
 
 __all__ = [
     "CONFIRM_NONCE_TTL_S", "ENDPOINTS", "GENERATIONS", "NONCE_TTL_S", "STATE_KEY", "SUPPORTED_VOLUMES", "ZERO_RTMR",
@@ -251,8 +254,8 @@ class FaithfulValidator:
         ca = self.stored_ca(vm_name)
         return ca.public_bytes(Encoding.PEM) if ca is not None else None
 
-    def vm_auth_key(self, vm_name: str) -> Any:
-        """This boot's per-VM sr25519 signer (``agent.validator.proof.Hotkey``) whose ss58 was ``vm_auth_ss58``."""
+    def vm_auth_key(self, vm_name: str) -> Hotkey | None:
+        """This boot's per-VM sr25519 signer whose ss58 was ``vm_auth_ss58`` (None before one was made)."""
         return self.state.vms[vm_name].vm_auth
 
     def nonce_usage(self) -> dict[str, int]:

@@ -34,6 +34,7 @@ from agent.sim.validator_state import (
     NONCE_TTL_S,
     SUPPORTED_VOLUMES,
     Fault,
+    MeasuredQuote,
     MeasurementSet,
     ValidatorState,
     VolumeKeys,
@@ -352,7 +353,7 @@ def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x50
     return view
 
 
-def _match(state: ValidatorState, q: Any, rec: dict[str, Any], *, runtime: bool) -> MeasurementSet:
+def _match(state: ValidatorState, q: MeasuredQuote, rec: dict[str, Any], *, runtime: bool) -> MeasurementSet:
     match = next((m for m in state.measurements if m.matches(q, runtime=runtime)), None)
     rec["measurement"] = match.name if match else None
     if match is None:

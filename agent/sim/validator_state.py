@@ -15,9 +15,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.log import Secret
+
+if TYPE_CHECKING:
+    from agent.sim.validator_signing import SigningRoot
+    from agent.validator.proof import Hotkey
 
 ZERO_RTMR = "0" * 96
 GENERATIONS = ("1.2", "1.3", "1.4")
@@ -70,6 +74,21 @@ _SIM_VERSIONS = {"1.2": "1.2.0-sim", "1.3": "1.3.1-sim", "1.4": "1.4.0-sim"}
 _SIM_NAMES = {"1.2": "simulated-dev", "1.3": "simulated-1.3", "1.4": "simulated-1.4"}  # 1.2 kept its old name
 
 
+class MeasuredQuote(Protocol):
+    """The registers a measurement set compares: a parsed Quote, or the validator's fixed-offset v4 view."""
+
+    @property
+    def mr_td(self) -> bytes: ...
+    @property
+    def rtmr0(self) -> bytes: ...
+    @property
+    def rtmr1(self) -> bytes: ...
+    @property
+    def rtmr2(self) -> bytes: ...
+    @property
+    def rtmr3(self) -> bytes: ...
+
+
 @dataclass
 class MeasurementSet:
     """One ``TeeMeasurementConfig`` entry (§9): boot quotes match RTMR3 = 0, runtime quotes ``runtime_rtmr3``."""
@@ -101,7 +120,7 @@ class MeasurementSet:
         r3 = self.runtime_rtmr3 if runtime else ZERO_RTMR
         return (bytes.fromhex(self.rtmr0), bytes.fromhex(self.rtmr1), bytes.fromhex(self.rtmr2), bytes.fromhex(r3))
 
-    def matches(self, q: Any, *, runtime: bool = False) -> bool:
+    def matches(self, q: MeasuredQuote, *, runtime: bool = False) -> bool:
         want = (self.mrtd, *(r.hex() for r in self.rtmrs(runtime=runtime)))
         got = (q.mr_td, q.rtmr0, q.rtmr1, q.rtmr2, q.rtmr3)
         return all(bytes(g).hex() == w for g, w in zip(got, want, strict=True))
@@ -200,7 +219,7 @@ class _Vm:
     volumes: dict[str, VolumeKeys] = field(default_factory=dict)
     k3s_key: Secret | None = None
     vm_root_ca_pem: bytes | None = None
-    vm_auth: Any = None  # agent.validator.proof.Hotkey of this boot
+    vm_auth: Hotkey | None = None  # this boot's per-VM signer
     generation: str | None = None
     first_boot: bool | None = None
     boots: int = 0
@@ -267,7 +286,7 @@ class ValidatorState:
     handed_out: list[bytes] = field(default_factory=list)  # every secret value ever answered (leak scans)
     last_nonce: str | None = None
     clock_offset: float = 0.0
-    signing: Any = None  # SigningRoot, made on first use
+    signing: SigningRoot | None = None  # made on first use
 
     def now(self) -> float:
         return time.time() + self.clock_offset
