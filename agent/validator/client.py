@@ -73,7 +73,7 @@ class ValidatorClient:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.startswith("https://"):
             raise ValueError(f"validator base URL must be https://, got {base_url!r}")
-        self._ssl: Any = ssl_context if ssl_context is not None else True
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._pins = pins
         self._session: aiohttp.ClientSession | None = None

@@ -19,14 +19,18 @@ import _ssl  # ENCODING_DER for the chain's Certificate objects
 import hashlib
 import os
 import ssl
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import AgentError, UsageError, VerificationError
+
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.tracing import Trace
 
 #: Where Debian/Ubuntu (and the initramfs hook) keep the public CA bundle.
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -52,7 +56,7 @@ class BodyError(AgentError):
     """The answer body is unusable: too large, cut short, or without framing."""
 
 
-def scrub_tls_environment(environ: Any = None) -> list[str]:
+def scrub_tls_environment(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Remove every variable of :data:`TLS_ENV_VARS` (and any ``OPENSSL_*``/``SSL_*``); returns the names removed."""
     env = os.environ if environ is None else environ
     names = [k for k in list(env) if k in TLS_ENV_VARS or k.startswith(("OPENSSL_", "SSL_"))]
@@ -130,7 +134,8 @@ class PinningConnector(aiohttp.TCPConnector):
         super().__init__(**kw)
         self._pins = pins
 
-    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+    async def _create_connection(self, req: aiohttp.ClientRequest, traces: list[Trace],
+                                 timeout: aiohttp.ClientTimeout) -> ResponseHandler:
         proto = await super()._create_connection(req, traces, timeout)
         if self._pins:
             transport = proto.transport
