@@ -163,6 +163,17 @@ class BootConfig:
     tdx_cache_device: str = ""
     #: Filesystem made on a first-use storage volume (only with unlock_action = "open").
     storage_mkfs: str = "mkfs.xfs"
+    #: ≥1.3 RTMR3 rootfs chain: the unlocked root's files as a directory (tests, a pre-mounted root);
+    #: empty = mount /dev/mapper/<root_mapper> read-only (rootfs_type) for the measurement.
+    rootfs_dir: str = ""
+    rootfs_type: str = "ext4"
+    #: Run the ≥1.3 RTMR3 chain (off only where no RTMR3 interface exists: the validator then refuses
+    #: the provision / luks-attest quote, so this is for debugging the steps before it).
+    rtmr3_chain: bool = True
+    #: Group owning /run/chutes/proxy-tls (the attestation service's user group, 1.4.0).
+    proxy_tls_group: str = "tdx-attest"
+    #: Baked, measured RSA key that signs the validator's cosign/Helm key bundle (1.4.0).
+    signing_root_key: str = "/etc/chutes/root-signing-key.pem"
 
 
 @dataclass
@@ -193,6 +204,9 @@ class ServeConfig:
     max_connections_per_caller: int = 32
     #: Connections shared by every caller that could not be identified (exited, pid reused).
     max_connections_unidentified: int = 8
+    #: Requests one caller may have in progress at once; more wait (unread) for their turn, so one caller
+    #: gets a bounded share of the service's event loop (0: no limit).
+    max_active_requests_per_caller: int = 4
     #: The last connection slots of a socket, kept for callers holding none there (at most a quarter).
     connections_reserved_for_new_callers: int = 64
     #: Global cap on live rint nonces (see agent.serve.rint.NonceStore for the memory arithmetic).
@@ -377,6 +391,9 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.serve.connections_reserved_for_new_callers < 0:
         raise ConfigError(f"serve.connections_reserved_for_new_callers: must be >= 0, "
                           f"got {cfg.serve.connections_reserved_for_new_callers}")
+    if cfg.serve.max_active_requests_per_caller < 0:
+        raise ConfigError(f"serve.max_active_requests_per_caller: must be >= 0, "
+                          f"got {cfg.serve.max_active_requests_per_caller}")
     if cfg.serve.relay_rate_per_s < 0:
         raise ConfigError(f"serve.relay_rate_per_s: must be >= 0, got {cfg.serve.relay_rate_per_s}")
     if cfg.quote.retries < 0:

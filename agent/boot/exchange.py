@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,9 @@ class Shape:
     nonce_query: bool
     #: ``first_boot`` in the body (1.4.0), else None.
     first_boot: bool | None
-    #: Signs the call (1.4.0): ``proof_headers(hotkey, nonce, body) -> dict``, else None.
-    sign: Any = None
+    #: Signs the call (1.4.0): ``(nonce, body) -> proof headers`` (``proof_headers`` bound to this boot's hotkey),
+    #: else None.
+    sign: Callable[[str, bytes], dict[str, str]] | None = None
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Exchange:
             st.detail = f"nonce {nonce[:8]}… from {client.base_url}"
         return nonce
 
-    async def quote(self, nonce: str, cert: x509.Certificate, attempt: int, stage: str = "quote") -> bytes:
+    async def quote(self, nonce: str, cert: x509.Certificate, attempt: int, stage: str = "quote",
+                    record: str = "measurements") -> bytes:
         """A quote over ``nonce ‖ SHA-256(SPKI of cert)``, self-checked before it leaves the VM."""
         with self.timer.stage(stage, attempt=attempt) as st:
             try:
@@ -75,10 +78,10 @@ class Exchange:
             with st.waiting("quote"):
                 raw = await asyncio.to_thread(self.quote_source.get_quote, rd)
             st.detail = f"{len(raw)} bytes from {self.quote_source.name}"
-        self.self_check(raw, rd, attempt)
+        self.self_check(raw, rd, attempt, record)
         return raw
 
-    def self_check(self, raw: bytes, rd: bytes, attempt: int) -> None:
+    def self_check(self, raw: bytes, rd: bytes, attempt: int, record: str = "measurements") -> None:
         """Parse our own quote: REPORTDATA as built, debug off, and a v4 quote (the validator's offsets)."""
         with self.timer.stage("self_check", attempt=attempt) as st:
             try:
@@ -94,7 +97,7 @@ class Exchange:
             if q.version != QUOTE_V4 and not self.allow_quote_v5:
                 raise BootFailure("self_check", f"own quote is version {q.version}: the Chutes validator reads v4 "
                                   "offsets only (boot.allow_quote_v5 = true for other verifiers)", EXIT_VERIFY_FAILED)
-            self.status["measurements"] = {
+            self.status[record] = {
                 "quote_version": q.version, "mr_td": q.mr_td.hex(),
                 **{f"rtmr{i}": getattr(q, f"rtmr{i}").hex() for i in range(4)}, "debug": bool(q.debug),
             }

@@ -25,16 +25,18 @@ LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 class BootFailure(Exception):
     """A boot stage failed for good. ``stage`` names it; ``str()`` is the operator-readable reason."""
 
-    def __init__(self, stage: str, reason: str, exit_code: int = 1) -> None:
+    def __init__(self, stage: str, reason: str, exit_code: int = 1, marker: str = MARKER) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
         self.exit_code = exit_code
+        #: The reference's marker for the failing step (§3.7), e.g. STORAGE-SETUP-FAILED after the unlock.
+        self.marker = marker
 
 
-def failure_line(reason: str) -> str:
+def failure_line(reason: str, marker: str = MARKER) -> str:
     """The single line written on failure (newlines folded so the marker stays greppable)."""
-    return f"{MARKER}: " + " ".join(reason.split())
+    return f"{marker}: " + " ".join(reason.split())
 
 
 def in_initramfs() -> bool:
@@ -42,9 +44,10 @@ def in_initramfs() -> bool:
     return os.path.exists("/conf/initramfs.conf") or os.path.exists("/etc/initrd-release")
 
 
-def announce(reason: str, kmsg_path: str = "/dev/kmsg", console: TextIO | None = None) -> str:
+def announce(reason: str, kmsg_path: str = "/dev/kmsg", console: TextIO | None = None,
+             marker: str = MARKER) -> str:
     """Write the failure line to the console and, when writable, the kernel log; returns the line."""
-    line = failure_line(reason)
+    line = failure_line(reason, marker)
     out = console if console is not None else sys.stderr
     print(line, file=out, flush=True)
     try:

@@ -9,29 +9,34 @@ faithful validator, an emulated configfs-tsm and real cryptsetup on image files.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import datetime as dt
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from agent.boot import failure, network
-from agent.boot.client_cert import ClientIdentity, make_identity, ssl_context
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agent.boot import failure, generations, network, rotation, vm_ca
+from agent.boot.client_cert import ClientIdentity, ssl_context
 from agent.boot.config_volume import BootIdentity, ConfigVolumeError, read_config_volume
-from agent.boot.cryptsetup import Cryptsetup
+from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
 from agent.boot.exchange import Exchange, Shape
 from agent.boot.failure import BootFailure
-from agent.boot.handoff import write_handoff, write_status
-from agent.boot.legacy_cache import cache_volume_stage
+from agent.boot.handoff import remove_handoff_file, write_status
 from agent.boot.retrying import CallBudget
-from agent.boot.root_unlock import unlock_root
 from agent.boot.stages import StageTimer
 from agent.config import AgentConfig, BootConfig
 from agent.evidence.base import QuoteSource
 from agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from agent.log import get_logger
 from agent.validator.client import ValidatorClient
+from agent.validator.proof import proof_headers
 from agent.validator.retry import RetryPolicy
+from agent.validator.schemas import BootAttestationResponse, classify_generation
 from agent.validator.transport import TlsConfigError, parse_pins
 
 log = get_logger(__name__)
@@ -128,39 +133,117 @@ def client_ctx(b: BootConfig, identity: ClientIdentity | None) -> ssl.SSLContext
         raise BootFailure("config", f"boot.ca_bundle: {exc}", EXIT_USAGE) from None
 
 
+def start_identity(protocol: str) -> concurrent.futures.Future[ClientIdentity]:
+    """Start the boot client key off the event loop, so RSA key generation overlaps config + network.
+
+    1.4 / auto: the VM root CA (RSA-4096; in auto it is also the client identity if the validator turns
+    out to speak 1.3 or 1.2: the validator only hashes its SPKI); 1.3: self-signed RSA-4096; 1.2:
+    self-signed RSA-2048 (reference §10).
+    """
+    if protocol in ("auto", "1.4"):
+        return vm_ca.start_vm_root_ca()
+    return vm_ca.start_in_thread(vm_ca.self_signed_rsa, 4096 if protocol == "1.3" else 2048)
+
+
+async def first_boot_flag(cfg: AgentConfig, deps: BootDeps, timer: StageTimer) -> bool:
+    """``first_boot`` for the 1.4.0 request: token 15 on the root device (§4.3 step 3)."""
+    with timer.stage("first_boot") as st:
+        try:
+            flag = await asyncio.to_thread(rotation.is_first_boot, deps.cryptsetup, cfg.boot.root_device)
+        except CryptsetupError as exc:
+            raise BootFailure("first_boot", f"cannot read LUKS2 token 15 on {cfg.boot.root_device}: {exc}") from None
+        st.detail = f"first_boot={str(flag).lower()}"
+        return flag
+
+
+async def _shape(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, ident: BootIdentity,
+                 clients: generations.Clients) -> Shape:
+    """The request shape: 1.4.0 when a miner key is there (auto) or pinned, else the ≤1.3 shape."""
+    p = cfg.boot.protocol
+    if p == "1.4" and ident.signer is None:
+        raise BootFailure("config", "boot.protocol = \"1.4\" needs miner-seed or miner-private-key on the "
+                          "config volume", EXIT_BAD_INPUT)
+    if ident.signer is not None and p in ("auto", "1.4"):
+        signer = ident.signer
+        return Shape(clients.tdx, clients.tdx, nonce_query=True, first_boot=await first_boot_flag(cfg, deps, timer),
+                     sign=lambda nonce, body: proof_headers(signer, nonce, body))
+    return Shape(clients.api_mtls, clients.tdx, nonce_query=False, first_boot=None)
+
+
+async def _identity(keygen: concurrent.futures.Future[ClientIdentity], timer: StageTimer) -> ClientIdentity:
+    with timer.stage("client_cert") as st:
+        with st.waiting("keygen"):
+            identity = await asyncio.wrap_future(keygen)
+        key = identity.key
+        kind = f"RSA-{key.key_size}" if isinstance(key, rsa.RSAPrivateKey) else "ECDSA P-256"
+        st.detail = f"{kind}, SPKI sha256 {identity.spki_sha256.hex()[:16]}…"
+    return identity
+
+
 async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> None:
     b = cfg.boot
-    tdx_url, _api_url = _check_urls(b)
+    tdx_url, api_url = _check_urls(b)
     pins = tls_setup(b)
-    ident = await prepare(cfg, deps, timer, status)
-    with timer.stage("client_cert") as st:
-        identity = make_identity()
-        ctx = client_ctx(b, identity)
-        st.detail = f"ECDSA P-256, SPKI sha256 {identity.spki_sha256.hex()[:16]}…"
-    budget = CallBudget(RetryPolicy(b.max_attempts, b.total_timeout_s, b.backoff_s, b.backoff_max_s),
-                        timer, deps.sleep)
-    ex = Exchange(deps.quote_source, timer, budget, status, ident.vm_name, ident.miner_hotkey, b.allow_quote_v5)
-    async with ValidatorClient(tdx_url, ctx, b.request_timeout_s, pins) as client:
-        shape = Shape(client, client, nonce_query=True, first_boot=None)
+    keygen = start_identity(b.protocol)
+    run: generations.Run | None = None
+    ident: BootIdentity | None = None
+    done = False
+    try:
+        ident = await prepare(cfg, deps, timer, status)
+        identity = await _identity(keygen, timer)
+        mtls, plain = client_ctx(b, identity), client_ctx(b, None)
+        budget = CallBudget(RetryPolicy(b.max_attempts, b.total_timeout_s, b.backoff_s, b.backoff_max_s),
+                            timer, deps.sleep)
+        ex = Exchange(deps.quote_source, timer, budget, status, ident.vm_name, ident.miner_hotkey, b.allow_quote_v5)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = generations.Clients(
+                *[await stack.enter_async_context(ValidatorClient(u, c, b.request_timeout_s, pins))
+                  for u, c in ((tdx_url, mtls), (api_url, mtls), (api_url, plain))])
+            shape = await _shape(cfg, deps, timer, ident, clients)
+            gen_box: list[str] = []
 
-        def count(n: int) -> None:
-            status["attempts"] = n
+            async def attempt(n: int) -> BootAttestationResponse:
+                status["attempts"] = n
+                resp = await ex.attest_once(shape, identity.cert, n)
+                try:
+                    gen_box[:] = [classify_generation(resp, b.protocol)]
+                except BaseException:
+                    resp.wipe()
+                    raise
+                return resp
 
-        resp = await budget.retried("attestation", "attestation",
-                                    lambda n: ex.attest_once(shape, identity.cert, n), on_attempt=count)
-        try:
+            resp = await budget.retried("attestation", "attestation", attempt)
+            gen = gen_box[0]
+            status["generation"] = gen
+            run = generations.Run(cfg, deps.cryptsetup, timer, status, budget, ex, ident, identity, clients,
+                                  deps.sleep)
             try:
-                await unlock_root(b, deps.cryptsetup, timer, status, resp.key)
+                await generations.STEPS[gen](run, resp)
             finally:
-                resp.key.wipe()
-            if b.cache_enabled:
-                await cache_volume_stage(b, deps.cryptsetup, timer, budget, client, ident.vm_name,
-                                         ident.miner_hotkey, resp.boot_token, status)
-            with timer.stage("handoff") as st:
-                paths = write_handoff(b.handoff_dir, ident.vm_name, ident.miner_hotkey, resp.boot_token)
-                st.detail = ", ".join(paths)
-        finally:
-            resp.wipe()
+                resp.wipe()
+        done = True
+    finally:
+        if ident is not None and ident.signer is not None:
+            ident.signer.wipe()
+        if not done:
+            if run is not None and run.ca_written:
+                _remove_ca_after_failure(b)
+            for name in SECRET_HANDOFF_FILES:  # a failed boot hands nothing on
+                remove_handoff_file(b.handoff_dir, name)
+        if not keygen.done():
+            keygen.cancel()
+
+
+#: Hand-off files a failed boot removes again (values the validator issued for this boot).
+SECRET_HANDOFF_FILES = ("boot-token", "luks-quote-nonce", "cert-hash", "k3s-encryption-config.yaml")
+
+
+def _remove_ca_after_failure(b: BootConfig) -> None:
+    """A failed boot leaves no CA file behind (sek8s premount failure removes both, §7)."""
+    try:
+        vm_ca.remove_ca(os.path.join(b.handoff_dir, vm_ca.CA_SUBDIR))
+    except (OSError, vm_ca.VMCAError) as exc:
+        log.error("boot.ca_remove_failed", error=str(exc))
 
 
 async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_poweroff: bool = False) -> BootOutcome:
@@ -172,10 +255,12 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
         "unlock_action": cfg.boot.unlock_action, "validator_url": base_urls(cfg.boot)[0],
     }
     outcome = BootOutcome(True, 0)
+    marker = failure.MARKER
     try:
         await _boot(cfg, deps, timer, status)
     except BootFailure as exc:
         outcome = BootOutcome(False, exc.exit_code, f"{exc.stage}: {exc.reason}")
+        marker = exc.marker
     except Exception as exc:  # a bug must still fail closed, with a reason
         log.exception("boot.internal_error")
         outcome = BootOutcome(False, EXIT_FAILED, f"internal: {type(exc).__name__}: {exc}")
@@ -191,7 +276,7 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
         log.warning("boot.status_write_failed", path=cfg.serve.boot_status_path, error=str(exc))
     log.info("boot.done", outcome=status["outcome"], reason=outcome.reason or None, **status["timings"])
     if not outcome.ok:
-        outcome.failure_line = failure.announce(outcome.reason, cfg.boot.kmsg_path, deps.console)
+        outcome.failure_line = failure.announce(outcome.reason, cfg.boot.kmsg_path, deps.console, marker)
         if poweroff:
             failure.power_off(force_poweroff, deps.console)
     return outcome

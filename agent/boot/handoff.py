@@ -16,19 +16,34 @@ from agent.fsutil import write_atomic
 from agent.log import Secret
 
 
-def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secret | None) -> list[str]:
-    """Write the hand-off files (mode 0600); returns their paths."""
+def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secret | None = None,
+                  extra: dict[str, bytes | bytearray] | None = None) -> list[str]:
+    """Write the hand-off files (mode 0600; reference §7); returns their paths.
+
+    ``vm-name`` and ``hotkey`` are text + newline; ``boot-token`` (≤1.2) and the ``extra`` files
+    (``luks-quote-nonce``, ``cert-hash``: ≥1.3) carry no newline.
+    """
     os.makedirs(handoff_dir, mode=0o755, exist_ok=True)
     paths = []
-    for name, data in (("vm-name", vm_name.encode()), ("hotkey", hotkey.encode())):
+    files: list[tuple[str, bytes | bytearray]] = [("vm-name", vm_name.encode() + b"\n"),
+                                                  ("hotkey", hotkey.encode() + b"\n")]
+    if boot_token is not None:
+        files.append(("boot-token", boot_token.reveal()))
+    files += list((extra or {}).items())
+    for name, data in files:
         p = os.path.join(handoff_dir, name)
         write_atomic(p, data, 0o600)
         paths.append(p)
-    if boot_token is not None:
-        p = os.path.join(handoff_dir, "boot-token")
-        write_atomic(p, boot_token.reveal(), 0o600)
-        paths.append(p)
     return paths
+
+
+def remove_handoff_file(handoff_dir: str, name: str) -> bool:
+    """Delete one hand-off file (``cert-hash`` after the last quote that needs it); True if it existed."""
+    try:
+        os.unlink(os.path.join(handoff_dir, name))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def write_status(path: str, status: dict[str, Any]) -> None:

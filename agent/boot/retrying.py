@@ -72,6 +72,8 @@ class CallBudget:
                 err_text = f"quote: {exc}"
                 decision = self.policy.decide(ValidatorTransportError("quote", str(exc)), n, self.elapsed())
             except ValidatorError as exc:
+                if getattr(exc, "final", False):
+                    raise BootFailure(stage, f"{what}: {exc}") from None
                 err_text, decision = str(exc), self.policy.decide(exc, n, self.elapsed())
             log.warning("boot.retry", call=what, attempt=n, error=err_text, action=decision.action.value,
                         delay_s=round(decision.delay_s, 3), why=decision.why)

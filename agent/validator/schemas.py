@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.log import Secret
-from agent.validator.errors import ValidatorProtocolError
+from agent.validator.errors import ValidatorError, ValidatorProtocolError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DECODER = json.JSONDecoder()
@@ -132,3 +132,130 @@ class VolumeKeyResponse:
         value = _str_field(endpoint, data, "passphrase")
         data.clear()
         return cls(passphrase=Secret(value or ""))
+
+
+_HEX128 = re.compile(r"[0-9a-f]{128}")
+#: Base58 (Bitcoin alphabet), as an SS58 address uses it.
+_SS58 = re.compile(r"5[1-9A-HJ-NP-Za-km-z]{39,49}")
+GENERATION_FIELDS = {"1.4": ("root_next", "vm_auth_ss58", "root_confirm_nonce"), "1.3": ("luks_quote_nonce",),
+                     "1.2": ("boot_token",)}
+
+
+def classify_generation(resp: BootAttestationResponse, pinned: str = "auto") -> str:
+    """The generation the validator's answer speaks (reference §4, §10), checked field by field.
+
+    ``root_next``/``vm_auth_ss58`` → 1.4 (``key``, ``luks_quote_nonce``, ``vm_auth_ss58`` missing → retry,
+    a ``root_*`` field missing → stop); ``luks_quote_nonce`` → 1.3; ``boot_token`` → 1.2. Raises
+    :class:`ValidatorProtocolError` (the retry loop tries again) or :class:`GenerationError` (stop).
+    """
+    ep = "POST /servers/boot/attestation"
+    if resp.root_next is not None or resp.vm_auth_ss58 is not None or resp.root_confirm_nonce is not None:
+        gen = "1.4"
+        if resp.luks_quote_nonce is None or resp.vm_auth_ss58 is None:
+            missing = [n for n in ("luks_quote_nonce", "vm_auth_ss58") if getattr(resp, n) is None]
+            raise ValidatorProtocolError(ep, f"1.4.0 answer without {', '.join(missing)}")
+        if resp.root_next is None or resp.root_confirm_nonce is None:
+            missing = [n for n in ("root_next", "root_confirm_nonce") if getattr(resp, n) is None]
+            raise GenerationError(f"1.4.0 answer without {', '.join(missing)}: root rotation impossible")
+        if not _HEX128.fullmatch(resp.root_next.reveal().decode("ascii", "replace")):
+            raise GenerationError("field 'root_next' must be 128 lowercase hex characters")
+        if not _HEX64.fullmatch(resp.root_confirm_nonce):
+            raise GenerationError("field 'root_confirm_nonce' must be 64 lowercase hex characters")
+        if not _SS58.fullmatch(resp.vm_auth_ss58):
+            raise GenerationError("field 'vm_auth_ss58' is not an SS58 address (40-50 base58 characters from 5)")
+    elif resp.luks_quote_nonce is not None:
+        gen = "1.3"
+    elif resp.boot_token is not None:
+        gen = "1.2"
+        if not _HEX64.fullmatch(resp.boot_token.reveal().decode("ascii", "replace")):
+            raise ValidatorProtocolError(ep, "field 'boot_token' must be 64 lowercase hex characters")
+    else:  # parse() already refuses this; kept so the rule reads whole here
+        raise GenerationError(f"answer fits no generation (fields: {', '.join(resp.fields_seen) or 'none'})")
+    if resp.luks_quote_nonce is not None and not _HEX64.fullmatch(resp.luks_quote_nonce):
+        raise ValidatorProtocolError(ep, "field 'luks_quote_nonce' must be 64 lowercase hex characters")
+    if pinned != "auto" and gen != pinned:
+        raise GenerationError(f"boot.protocol = {pinned!r} but the validator answered as {gen} "
+                              f"(fields: {', '.join(resp.fields_seen)})")
+    return gen
+
+
+class GenerationError(ValidatorError):
+    """The answer is complete JSON but belongs to no usable generation (or not the pinned one): stop."""
+
+    #: The retry helper stops at once on errors marked final (a retry gets the same answer).
+    final = True
+
+
+@dataclass
+class VolumeAnswer:
+    """One volume of ``luks/attest`` / ``provision``: ``current`` (None on first use) and ``next``."""
+
+    current: Secret | None
+    next: Secret | None
+
+
+@dataclass
+class StorageKeysResponse:
+    """``/luks/attest`` (1.3.x), ``/provision`` (1.4.0): volume keys, confirm nonce, k3s key (reference §5)."""
+
+    volumes: dict[str, VolumeAnswer]
+    confirm_nonce: str | None
+    k3s_encryption_key: Secret | None
+
+    @classmethod
+    def parse(cls, endpoint: str, body: bytes, labels: tuple[str, ...]) -> StorageKeysResponse:
+        data = parse_json_object(endpoint, body)
+        try:
+            vols = data.get("volumes")
+            if not isinstance(vols, dict):
+                raise ValidatorProtocolError(endpoint, "field 'volumes' missing or not an object")
+            out: dict[str, VolumeAnswer] = {}
+            for label in labels:
+                entry = vols.get(label)
+                if not isinstance(entry, dict):
+                    raise ValidatorProtocolError(endpoint, f"field 'volumes.{label}' missing or not an object")
+                cur = _str_field(endpoint, entry, "current", required=False)
+                nxt = _str_field(endpoint, entry, "next", required=False)
+                if cur is None and nxt is None:
+                    raise ValidatorProtocolError(endpoint, f"volumes.{label}: neither 'current' nor 'next'")
+                out[label] = VolumeAnswer(Secret(cur) if cur is not None else None,
+                                          Secret(nxt) if nxt is not None else None)
+                entry.clear()
+            nonce = _str_field(endpoint, data, "confirm_nonce", required=False)
+            if nonce is not None and not _HEX64.fullmatch(nonce):
+                raise ValidatorProtocolError(endpoint, "field 'confirm_nonce' must be 64 lowercase hex characters")
+            k3s = _str_field(endpoint, data, "k3s_encryption_key", required=False)
+            return cls(out, nonce, Secret(k3s) if k3s is not None else None)
+        finally:
+            data.clear()
+
+    def wipe(self) -> None:
+        for v in self.volumes.values():
+            for s in (v.current, v.next):
+                if s is not None:
+                    s.wipe()
+        if self.k3s_encryption_key is not None:
+            self.k3s_encryption_key.wipe()
+
+
+@dataclass
+class LegacyVolumesResponse:
+    """≤1.2 ``POST /servers/{vm}/luks`` → ``{volume: passphrase}``."""
+
+    passphrases: dict[str, Secret]
+
+    @classmethod
+    def parse(cls, endpoint: str, body: bytes, labels: tuple[str, ...]) -> LegacyVolumesResponse:
+        data = parse_json_object(endpoint, body)
+        try:
+            out = {}
+            for label in labels:
+                value = _str_field(endpoint, data, label)
+                out[label] = Secret(value or "")
+            return cls(out)
+        finally:
+            data.clear()
+
+    def wipe(self) -> None:
+        for s in self.passphrases.values():
+            s.wipe()

@@ -133,6 +133,10 @@ def make_cfg(tmp: Path, validator: FaithfulValidator) -> AgentConfig:
     b = cfg.boot
     b.validator_url = validator.url
     b.ca_bundle = validator.ca_bundle
+    # The baseline rig: a ≤1.2 validator with the removed GET/PUT cache calls (generation e2e tests
+    # in test_generations.py run "auto" against every generation).
+    b.protocol = "1.2"
+    b.legacy_cache_endpoints = True
     b.config_device = str(tmp / "config.img")
     b.config_mount = str(tmp / "mnt-config")
     b.root_device = str(tmp / "root.img")

@@ -24,7 +24,8 @@ async def test_full_boot_unlocks_and_hands_off(rig: BootRig) -> None:
 
     # the validator saw one nonce and one attestation that bound nonce and client cert
     nonces = [e for e in rig.validator.events if e["endpoint"] == "nonce"]
-    assert len(nonces) == 1 and nonces[0]["miner_hotkey"] == rig.hotkey and nonces[0]["client_cert"]
+    # ≤1.2 (reference §4.1): the nonce call carries no query; the client cert is presented
+    assert len(nonces) == 1 and nonces[0].get("miner_hotkey") is None and nonces[0]["client_cert"]
     (att,) = rig.validator.attestations()
     assert att["status"] == 200
     assert att["nonce"] == nonces[0]["nonce"]
@@ -46,8 +47,8 @@ async def test_full_boot_unlocks_and_hands_off(rig: BootRig) -> None:
     run = Path(rig.cfg.boot.handoff_dir)
     for name in ("vm-name", "hotkey", "boot-token"):
         assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o600
-    assert (run / "vm-name").read_text() == rig.vm_name
-    assert (run / "hotkey").read_text() == rig.hotkey
+    assert (run / "vm-name").read_text() == rig.vm_name + "\n"  # text + newline (reference §7)
+    assert (run / "hotkey").read_text() == rig.hotkey + "\n"
     assert (run / "boot-token").read_text() in rig.validator.state.boot_tokens
 
     # boot-status.json: non-secret summary with measurements of our own quote
@@ -91,13 +92,20 @@ async def test_second_boot_gets_existing_cache_key(rig: BootRig) -> None:
     rig.assert_no_secret_leaked()
 
 
-async def test_newer_generation_fields_are_tolerated_and_recorded(rig: BootRig) -> None:
-    rig.validator.state.response_extras = {"root_next": "ab" * 32, "root_confirm_nonce": "cd" * 16,
-                                           "vm_auth_ss58": rig.hotkey}
+async def test_unknown_fields_are_tolerated_and_recorded(rig: BootRig) -> None:
+    rig.validator.state.response_extras = {"future_field": "ab" * 32}
     outcome = await rig.run()
     assert outcome.ok, outcome.reason
-    assert outcome.status["validator_fields"] == ["boot_token", "key", "root_confirm_nonce", "root_next",
-                                                  "vm_auth_ss58"]
+    assert outcome.status["validator_fields"] == ["boot_token", "future_field", "key"]
+    assert outcome.status["generation"] == "1.2"
+
+
+async def test_answer_of_another_generation_than_pinned_fails_closed(rig: BootRig) -> None:
+    rig.validator.state.response_extras = {"luks_quote_nonce": "ab" * 32, "boot_token": None}
+    outcome = await rig.run()
+    assert not outcome.ok
+    assert "boot.protocol = '1.2' but the validator answered as 1.3" in rig.failure_reason(outcome)
+    assert len([e for e in rig.validator.events if e["endpoint"] == "nonce"]) == 1  # final: not retried
     assert "ab" * 32 not in rig.logs.getvalue() and "ab" * 32 not in Path(rig.cfg.serve.boot_status_path).read_text()
 
 
@@ -143,6 +151,8 @@ header_dir = "{b.header_dir}"
 handoff_dir = "{b.handoff_dir}"
 kmsg_path = "{b.kmsg_path}"
 unlock_action = "test-passphrase"
+protocol = "1.2"
+legacy_cache_endpoints = true
 device_wait_s = 0
 format_pbkdf = "pbkdf2"
 format_pbkdf_iterations = 1000
@@ -157,7 +167,7 @@ boot_status_path = "{rig.cfg.serve.boot_status_path}"
     assert proc.returncode == 0, text
     assert "WARNING: --no-poweroff" in text
     assert "[unlock        ] ok" in text
-    assert (Path(b.handoff_dir) / "vm-name").read_text() == rig.vm_name
+    assert (Path(b.handoff_dir) / "vm-name").read_text() == rig.vm_name + "\n"
     for s in rig.secrets():
         assert s not in out and s not in err
 
