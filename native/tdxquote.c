@@ -234,7 +234,7 @@ static PyGetSetDef Quote_getset[] = {
 #undef INT_GETSET
 
 PyDoc_STRVAR(Quote_doc,
-"Quote(buffer)\n--\n\n"
+"Quote(buffer, /)\n--\n\n"
 "A parsed TDX quote (v4/v5) over a buffer-protocol object, held without copying.");
 
 static PyType_Slot Quote_slots[] = {

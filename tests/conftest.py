@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         pytest.exit(f"test prerequisites missing for tier(s) {', '.join(sorted(selected & {'integration', 'vm'}))}: "
                     + "; ".join(problems) + " -- run ./scripts/test.sh as root, or select `-m unit`",
                     returncode=4)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_config() -> Iterator[None]:
+    """A test that calls ``agent.log.configure`` must not change the log level of the tests after it."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")
