@@ -22,7 +22,7 @@ connection closes; a half-close in the middle of a request head, or an HTTP/0.9 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +48,8 @@ class ConnState:
     payload: Any = None
     #: The peer half-closed its side: answer what it sent, then close.
     eof: bool = False
+    #: Counted in its caller's active requests (from a request's first byte until it is answered).
+    active: bool = False
 
 
 class ConnTracker:
@@ -61,6 +63,7 @@ class ConnTracker:
         self, resolver: PeerResolver, *, name: str, max_connections: int,
         idle_timeout_s: float, header_timeout_s: float, max_per_caller: int | None = None,
         max_unidentified: int | None = None, reserved: int = 0, max_scopes: int = 4096,
+        max_active_per_caller: int | None = None,
     ) -> None:
         self.resolver = resolver
         self.name = name
@@ -72,6 +75,13 @@ class ConnTracker:
         #: The last ``reserved`` slots (at most a quarter) go only to callers holding none on this socket.
         self.reserved = max(0, min(reserved, max_connections // 4))
         self._scopes: dict[str, int] = {}
+        #: Requests one caller may have in progress at once (across its connections); the next request's
+        #: bytes wait in the kernel until one is answered, so a flooding caller gets a bounded share of the
+        #: event loop, not all of it. Pipelined requests on one connection still run one after another.
+        self.max_active_per_caller = max_active_per_caller or 0
+        self._active: dict[str, int] = {}
+        self._waiting: dict[str, deque[Any]] = {}
+        self.held = 0
         #: Per-caller request counters (``/v1/status`` shows a caller only its own), bounded LRU.
         self.caller_counters: OrderedDict[str, Counter[str]] = OrderedDict()
         self._max_scopes = max_scopes
@@ -195,12 +205,54 @@ class ConnTracker:
         if st is not None:
             st.busy = True
             st.requests += 1
+            if not st.active and self.max_active_per_caller:  # not counted yet (bytes came in one chunk)
+                st.active = True
+                self._active[st.peer.scope] = self._active.get(st.peer.scope, 0) + 1
         return st
+
+    # -- per-caller share of the event loop ----------------------------------------------------------
+    def may_start(self, st: ConnState, proto: Any) -> bool:
+        """A request's first bytes arrived: True to go ahead; False when the caller is at its limit (the
+        connection waits, queued, until one of the caller's requests is answered)."""
+        if not self.max_active_per_caller or st.active:
+            return True
+        scope = st.peer.scope
+        n = self._active.get(scope, 0)
+        if n < self.max_active_per_caller:
+            self._active[scope] = n + 1
+            st.active = True
+            return True
+        self.held += 1
+        self._waiting.setdefault(scope, deque()).append(proto)
+        return False
+
+    def _release(self, st: ConnState) -> None:
+        if not st.active:
+            return
+        st.active = False
+        scope = st.peer.scope
+        n = self._active.get(scope, 1) - 1
+        waiting = self._waiting.get(scope)
+        while waiting:
+            proto = waiting.popleft()
+            if not waiting:
+                del self._waiting[scope]
+            nst = proto._state
+            if nst is not None:
+                nst.active = True  # the slot passes straight on
+                proto._go()
+                return
+        if n <= 0:
+            self._active.pop(scope, None)
+        else:
+            self._active[scope] = n
 
     def request_finished(self, transport: Any, st: ConnState | None) -> None:
         if st is not None and self._loop is not None:
             st.busy = False
             st.payload = None
+            if st.active and not getattr(getattr(transport.get_protocol(), "_inner", None), "_messages", None):
+                self._release(st)  # (a connection with pipelined requests parsed keeps its slot for them)
             st.phase = "idle"
             st.since = self._loop.time()
 
@@ -244,6 +296,14 @@ class ConnTracker:
         st = self.states.pop(transport, None)
         if st is None:
             return
+        self._release(st)
+        waiting = self._waiting.get(st.peer.scope)
+        if waiting:
+            proto = transport.get_protocol()
+            if proto in waiting:
+                waiting.remove(proto)
+                if not waiting:
+                    del self._waiting[st.peer.scope]
         held = self._scopes.get(st.peer.scope, 1) - 1
         if held <= 0:
             self._scopes.pop(st.peer.scope, None)
@@ -271,6 +331,10 @@ def _json_protocol_error(socket_name: str, render: Callable[[ApiError], dict[str
     return handle_error
 
 
+#: Bytes a waiting connection may buffer here before it is closed (reading is paused meanwhile).
+_MAX_HELD = 1 << 20
+
+
 def _pending(inner: Any, st: ConnState) -> bool:
     """aiohttp has parsed a request the middleware has not seen yet, or is still writing an answer."""
     return bool(getattr(inner, "_messages", None) or getattr(inner, "_request_in_progress", False)
@@ -289,7 +353,7 @@ def _http09(data: bytes) -> bool:
 class _TrackedProtocol(asyncio.Protocol):
     """Forwards to aiohttp's RequestHandler after the tracker has admitted the connection."""
 
-    __slots__ = ("_admitted", "_inner", "_now", "_state", "_tracker", "_transport")
+    __slots__ = ("_admitted", "_held", "_inner", "_now", "_state", "_tracker", "_transport")
 
     def __init__(self, tracker: ConnTracker, inner: Any) -> None:
         self._tracker = tracker
@@ -298,6 +362,7 @@ class _TrackedProtocol(asyncio.Protocol):
         self._transport: Any = None
         self._state: ConnState | None = None  # this connection's entry in tracker.states (no per-chunk lookup)
         self._now: Callable[[], float] | None = None
+        self._held: bytearray | None = None  # bytes waiting for the caller's turn (reading is paused)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -309,14 +374,32 @@ class _TrackedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
+            if self._held is not None:  # still waiting for this caller's turn
+                self._held += data
+                if len(self._held) > _MAX_HELD:
+                    self._transport.close()
+                return
             st = self._state  # what ConnTracker.data does, without the dict lookup
             if st is not None and not st.busy and st.phase == "idle" and self._now is not None:
+                if not st.active and not self._tracker.may_start(st, self):
+                    self._held = bytearray(data)
+                    self._transport.pause_reading()
+                    return
                 st.phase = "head"
                 st.since = self._now()
                 if _http09(data):
                     self._reject("HTTP/0.9 request line")
                     return
             self._inner.data_received(data)
+
+    def _go(self) -> None:
+        """This connection's turn: resume reading and hand over what arrived meanwhile."""
+        held, self._held = self._held, None
+        if self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        if held:
+            self.data_received(bytes(held))
 
     def _reject(self, detail: str) -> None:
         """Answer with the socket's JSON 400 and close (bytes aiohttp would never turn into a request)."""
@@ -335,6 +418,8 @@ class _TrackedProtocol(asyncio.Protocol):
         if st is None:
             return None
         st.eof = True
+        if self._held is not None:
+            return True  # a request is waiting for its caller's turn: answer it, then close
         inner = self._inner
         if st.busy:
             if st.payload is not None and not st.payload.is_eof():

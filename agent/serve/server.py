@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ MAX_LOOP_LAG_S = 5.0
 #: Young-generation threshold once serving (CPython's default is 700).
 GC_GEN0_THRESHOLD = 7000
 #: A single quote-source call running longer than 2 x quote.deadline_s + this is "wedged".
+#: GIL hand-off interval once serving (CPython's default is 5 ms).
+GIL_SWITCH_INTERVAL_S = 0.0005
 WEDGE_GRACE_S = 5.0
 
 
@@ -118,7 +121,8 @@ class Service:
                               idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s,
                               max_per_caller=s.max_connections_per_caller,
                               max_unidentified=s.max_connections_unidentified,
-                              reserved=s.connections_reserved_for_new_callers)
+                              reserved=s.connections_reserved_for_new_callers,
+                              max_active_per_caller=s.max_active_requests_per_caller)
         render = compat_body if name == "compat" else chute_body
         tracker.error_body = render
         mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,
@@ -196,6 +200,10 @@ class Service:
         self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))
 
+        # Quote and GPU evidence work runs on threads; with the default 5 ms GIL switch interval a thread
+        # waits up to 5 ms per hand-off while the event loop is busy (e.g. answering a flooding caller), so
+        # one container's cheap requests would stretch every neighbour's evidence. Hand off sooner.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # -- steady state -------------------------------------------------------------------------------
     async def _purge_loop(self) -> None:
         assert self.ctx is not None
