@@ -250,22 +250,30 @@ def initramfs(agent_toml: str, with_agent: bool = True) -> Path:
     root (what an image builder does). The boot generation/protocol under test travels in ``agent_toml``
     (see :func:`agent_toml_stage1`), so another generation is another cached image."""
     sim, certs = sim_state(), tls()
-    key = digest(agent_toml, sim, certs / "ca.pem", with_agent, package().name, debian_base().parent.name,
+    deb = package()
+    key = digest(agent_toml, sim, certs / "ca.pem", with_agent, deb.parent.name, debian_base().parent.name,
                  kernel_version(), SOURCE_DATE_EPOCH)
 
     def build(out: Path) -> None:
-        build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work")
+        build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work", deb=deb)
 
     return cached("initramfs" if with_agent else "initramfs-plain", key, build) / "initrd.img"
 
 
 def build_initramfs(
-    dest: Path, agent_toml: str, with_agent: bool, work: Path, cwd: Path | None = None, epoch: int | None = None
+    dest: Path,
+    agent_toml: str,
+    with_agent: bool,
+    work: Path,
+    cwd: Path | None = None,
+    epoch: int | None = None,
+    deb: Path | None = None,
 ) -> None:
-    """Uncached: install the package into a fresh root under ``work`` and build ``dest`` with
-    update-initramfs there (``cwd``: the directory it runs from; ``epoch``: SOURCE_DATE_EPOCH)."""
+    """Uncached: install the package (``deb``, default :func:`package`) into a fresh root under ``work`` and
+    build ``dest`` with update-initramfs there (``cwd``: the directory it runs from; ``epoch``:
+    SOURCE_DATE_EPOCH)."""
     tree = work / "root"
-    installed_tree(tree)
+    installed_tree(tree, deb)
     try:
         vm = tree / "root/vm-initramfs"
         (vm / "extra/etc/chutes-attest").mkdir(parents=True)
@@ -355,8 +363,10 @@ poweroff -f
 
 
 def luks_encrypt_offline(tree: Path, img: Path, passphrase: bytes, fs_mb: int) -> None:
-    """ext4 from ``tree`` (mkfs.ext4 -d), then offline LUKS2 encryption in place (fast PBKDF: tests)."""
-    header_mb = 16
+    """ext4 from ``tree`` (mkfs.ext4 -d), then offline LUKS2 encryption in place (fast PBKDF: tests). The
+    device shrinks by 32 MiB so that the data segment starts at 16 MiB, as on production images
+    (``boot.luks_data_offset``)."""
+    header_mb = 32
     with open(img, "wb") as fh:
         fh.truncate((fs_mb + header_mb) * 1024 * 1024)
     _run(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(img), f"{fs_mb}M"])
@@ -582,12 +592,12 @@ def _mounts(tree: Path, *binds: tuple[Path, Path]) -> Iterator[None]:
             subprocess.run(["umount", "-R", str(m)], check=False)
 
 
-def installed_tree(tree: Path) -> None:
+def installed_tree(tree: Path, deb: Path | None = None) -> None:
     """The Debian base with the package installed the way an image builder does: ``apt-get install
     ./chutes-attest_*.deb`` (postinst: sysusers, tmpfiles, socket enabled; nothing hand-placed)."""
     tree.mkdir(parents=True)
     _run(["tar", "-C", str(tree), "-xpf", str(debian_base()), "--numeric-owner"])
-    deb = package()
+    deb = deb or package()
     shutil.copy2(deb, tree / "tmp" / deb.name)
     with _mounts(tree):
         _chroot(tree, "apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb.name}")
@@ -610,9 +620,9 @@ def _unit_workarounds(unit_text: str) -> dict[str, str]:
     return out
 
 
-def stage2_tree(tree: Path) -> None:
+def stage2_tree(tree: Path, deb: Path) -> None:
     """Debian + the installed package, configured for the test: simulated quotes, the e2e check unit."""
-    installed_tree(tree)
+    installed_tree(tree, deb)
     sysd = tree / "lib/systemd/system"
     for name, text in _unit_workarounds((sysd / "chutes-attest.service").read_text()).items():
         dropin = tree / "etc/systemd/system/chutes-attest.service.d"
@@ -636,10 +646,10 @@ def stage2_tree(tree: Path) -> None:
 
 def root2() -> LuksDisk:
     """Stage-2 LUKS2 root: Debian with systemd and the project, encrypted offline like stage 1."""
+    deb = package()
     key = digest(
         debian_base().parent.name,
-        package().name,
-        package().parent.name,
+        deb.parent.name,
         REPO / "tests/vm/guest_check.py",
         json.dumps(_unit_workarounds((REPO / "systemd/chutes-attest.service").read_text())),
         E2E_UNIT,
@@ -649,7 +659,7 @@ def root2() -> LuksDisk:
 
     def build(out: Path) -> None:
         tree = out / "tree"
-        stage2_tree(tree)
+        stage2_tree(tree, deb)
         marker = "root2-marker-" + secrets.token_hex(8)
         (tree / "marker").write_text(marker + "\n")
         used_mb = int(_run(["du", "-sm", str(tree)], capture_output=True, text=True).stdout.split()[0])

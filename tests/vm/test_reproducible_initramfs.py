@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -26,13 +27,15 @@ def _sha384(path: Path) -> str:
 
 def test_initramfs_twice_identical_sha384(tmp_path: Path) -> None:
     toml = vmlib.agent_toml_stage1()
+    deb = tmp_path / vmlib.package().name  # one package for all builds (the checkout may change meanwhile)
+    shutil.copy2(vmlib.package(), deb)
     one, two = tmp_path / "one" / "initrd.img", tmp_path / "two" / "initrd.img"
     cwd_one = tmp_path / "cwd-one"
     cwd_one.mkdir()
-    vmlib.build_initramfs(one, toml, True, tmp_path / "work-one", cwd=cwd_one)
+    vmlib.build_initramfs(one, toml, True, tmp_path / "work-one", cwd=cwd_one, deb=deb)
     time.sleep(1.5)  # the builds take minutes anyway; never the same second
     work_two = Path(tempfile.mkdtemp(prefix="chutes-repro-", dir="/var/tmp"))
-    vmlib.build_initramfs(two, toml, True, work_two / "elsewhere", cwd=Path("/"))
+    vmlib.build_initramfs(two, toml, True, work_two / "elsewhere", cwd=Path("/"), deb=deb)
     h1, h2 = _sha384(one), _sha384(two)
     print(f"\ninitramfs SHA-384 build 1: {h1}\ninitramfs SHA-384 build 2: {h2}\nsize {one.stat().st_size} B")
     (vmlib.CACHE / "logs").mkdir(parents=True, exist_ok=True)
@@ -54,5 +57,6 @@ def test_initramfs_twice_identical_sha384(tmp_path: Path) -> None:
 
     # and the value is sensitive to what it measures: another SOURCE_DATE_EPOCH is another image
     three = tmp_path / "three" / "initrd.img"
-    vmlib.build_initramfs(three, toml, True, tmp_path / "work-three", epoch=vmlib.SOURCE_DATE_EPOCH + 86400)
+    vmlib.build_initramfs(three, toml, True, tmp_path / "work-three", epoch=vmlib.SOURCE_DATE_EPOCH + 86400,
+                          deb=deb)
     assert _sha384(three) != h1
