@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.certs import self_signed
 from agent.evidence.report_data import spki_sha256
-from agent.validator.transport import client_context
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -67,6 +66,8 @@ def ssl_context(identity: ClientIdentity | None, ca_bundle: str = "") -> ssl.SSL
     The server is verified against ``ca_bundle`` only (default: the system bundle file); nothing
     from the environment (``SSL_CERT_FILE``, ``SSL_CERT_DIR``, ``SSLKEYLOGFILE``) is consulted.
     """
+    from agent.validator.transport import client_context  # lazy: vm_ca imports this module on the CLI's fast path
+
     ctx = client_context(ca_bundle)
     if identity is not None:
         load_identity(ctx, identity.key, identity.cert_pem)

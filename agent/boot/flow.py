@@ -53,6 +53,9 @@ class BootDeps:
     setup_network: Callable[[BootIdentity], str]
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     console: TextIO | None = None
+    #: The client identity's key generation, when the caller started it even earlier (the CLI starts it
+    #: before importing the flow, so RSA-4096 also overlaps the interpreter's imports).
+    keygen: concurrent.futures.Future[ClientIdentity] | None = None
 
 
 @dataclass
@@ -184,13 +187,16 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
     b = cfg.boot
     tdx_url, api_url = _check_urls(b)
     pins = tls_setup(b)
-    keygen = start_identity(b.protocol)
+    keygen = deps.keygen if deps.keygen is not None else start_identity(b.protocol)
     run: generations.Run | None = None
     ident: BootIdentity | None = None
     done = False
     try:
         ident = await prepare(cfg, deps, timer, status)
         identity = await _identity(keygen, timer)
+        # the two RSA-2048 leaf keys (1.4.0) are made meanwhile, during the attestation's network waits
+        leaf_keys = [vm_ca.start_in_thread(vm_ca.generate_leaf_key) for _ in range(2)] if b.protocol in (
+            "auto", "1.4") and ident.signer is not None else []
         mtls, plain = client_ctx(b, identity), client_ctx(b, None)
         budget = CallBudget(RetryPolicy(b.max_attempts, b.total_timeout_s, b.backoff_s, b.backoff_max_s),
                             timer, deps.sleep)
@@ -216,7 +222,7 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
             gen = gen_box[0]
             status["generation"] = gen
             run = generations.Run(cfg, deps.cryptsetup, timer, status, budget, ex, ident, identity, clients,
-                                  deps.sleep)
+                                  deps.sleep, leaf_keys=leaf_keys)
             try:
                 await generations.STEPS[gen](run, resp)
             finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import grp
 import os
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,8 @@ class Run:
     identity: ClientIdentity
     clients: Clients
     sleep: Callable[[float], Awaitable[None]]
+    #: Futures of the two RSA-2048 leaf keys (1.4.0), started once the CA was ready.
+    leaf_keys: list[concurrent.futures.Future[Any]] = field(default_factory=list)
     #: CA files on disk to remove on failure (1.4.0).
     ca_written: bool = False
     handoff: list[str] = field(default_factory=list)
@@ -305,7 +308,11 @@ async def vm_tls(run: Run) -> None:
             raise BootFailure("vm_tls", f"group {b.proxy_tls_group!r} (boot.proxy_tls_group) does not exist",
                               marker=M_TLS) from None
         try:
-            leaves = await asyncio.to_thread(vm_ca.sign_leaves, run.identity, b.handoff_dir, gid)
+            keys = None
+            if len(run.leaf_keys) == 2:
+                with st.waiting("keygen"):
+                    keys = (await asyncio.wrap_future(run.leaf_keys[0]), await asyncio.wrap_future(run.leaf_keys[1]))
+            leaves = await asyncio.to_thread(vm_ca.sign_leaves, run.identity, b.handoff_dir, gid, leaf_keys=keys)
             removed = await asyncio.to_thread(vm_ca.delete_ca_key, os.path.join(b.handoff_dir, vm_ca.CA_SUBDIR))
         except (OSError, vm_ca.VMCAError) as exc:
             raise BootFailure("vm_tls", str(exc), marker=M_TLS) from None

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    clean_tls_environment()
+    # Start the client key (RSA-4096 for the 1.4.0 VM root CA) before the flow's heavy imports: OpenSSL
+    # searches for primes without the GIL while the interpreter imports aiohttp and the boot stages.
+    from agent.boot import vm_ca
+
+    keygen = (vm_ca.start_vm_root_ca() if cfg.boot.protocol in ("auto", "1.4")
+              else vm_ca.start_in_thread(vm_ca.self_signed_rsa, 4096 if cfg.boot.protocol == "1.3" else 2048))
     import asyncio
 
     from agent.boot.flow import default_deps, run_boot
@@ -53,7 +60,6 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent.evidence.base import QuoteSourceError
     from agent.evidence.sources import make_quote_source
 
-    clean_tls_environment()
     poweroff = cfg.boot.poweroff and not args.no_poweroff
     if not poweroff:
         print("chutes-attest: WARNING: --no-poweroff / boot.poweroff=false: a failed unlock will NOT power off "
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         if poweroff:
             power_off(args.force_poweroff)
         return EXIT_UNAVAILABLE
-    outcome = asyncio.run(run_boot(cfg, default_deps(cfg, source), poweroff=poweroff,
-                                   force_poweroff=args.force_poweroff))
+    deps = default_deps(cfg, source)
+    deps.keygen = keygen
+    outcome = asyncio.run(run_boot(cfg, deps, poweroff=poweroff, force_poweroff=args.force_poweroff))
     return outcome.exit_code
