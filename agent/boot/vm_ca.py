@@ -87,6 +87,11 @@ class VMCAError(AgentError, OSError):
     reason = "vm_ca"
 
 
+def generate_leaf_key() -> rsa.RSAPrivateKey:
+    """One RSA-2048 leaf key (started ahead in a worker thread by the boot flow)."""
+    return _rsa(LEAF_KEY_BITS)
+
+
 def _rsa(bits: int) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
@@ -289,8 +294,8 @@ def _leaf_lifetime(ca: ClientIdentity) -> dt.timedelta:
 
 
 def _sign(ca: ClientIdentity, subject: x509.Name, serial: int,
-          extensions: list[tuple[x509.ExtensionType, bool]]) -> ClientIdentity:
-    key = _rsa(LEAF_KEY_BITS)
+          extensions: list[tuple[x509.ExtensionType, bool]], key: rsa.RSAPrivateKey | None = None) -> ClientIdentity:
+    key = key if key is not None else _rsa(LEAF_KEY_BITS)
     ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     extensions = [
         (x509.BasicConstraints(ca=False, path_length=None), True),
@@ -302,24 +307,25 @@ def _sign(ca: ClientIdentity, subject: x509.Name, serial: int,
     return ClientIdentity(key, cert)
 
 
-def make_proxy_leaf(ca: ClientIdentity) -> ClientIdentity:
+def make_proxy_leaf(ca: ClientIdentity, key: rsa.RSAPrivateKey | None = None) -> ClientIdentity:
     """Attestation-proxy TLS server leaf: RSA-2048, CN=attestation-service, SANs, serverAuth, serial 1."""
     return _sign(ca, name(PROXY_CN), PROXY_SERIAL, [
         (_ku(digital_signature=True, key_encipherment=True, data_encipherment=True), False),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
         (x509.SubjectAlternativeName(list(PROXY_SANS)), False),
-    ])
+    ], key)
 
 
-def make_client_leaf(ca: ClientIdentity) -> ClientIdentity:
+def make_client_leaf(ca: ClientIdentity, key: rsa.RSAPrivateKey | None = None) -> ClientIdentity:
     """CVM mTLS client leaf: RSA-2048, O=chutes, OU=sek8s, CN=sek8s-cvm-mtls-client, clientAuth, serial 2."""
     return _sign(ca, CLIENT_SUBJECT, CLIENT_SERIAL, [
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-    ])
+    ], key)
 
 
 def sign_leaves(ca: ClientIdentity, run_dir: str | os.PathLike[str], tdx_attest_gid: int, *,
-                owner_uid: int = 0) -> Leaves:
+                owner_uid: int = 0,
+                leaf_keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey] | None = None) -> Leaves:
     """Sign both leaves and write them under ``run_dir`` (the flow then calls :func:`delete_ca_key`).
 
     - ``proxy-tls/`` 0750 ``owner_uid:tdx_attest_gid``; ``server.key`` and ``server.crt`` 0640, same owner.
@@ -328,8 +334,9 @@ def sign_leaves(ca: ClientIdentity, run_dir: str | os.PathLike[str], tdx_attest_
     """
     base = Path(run_dir)
     _ensure_run_dir(base)
-    proxy = make_proxy_leaf(ca)
-    client = make_client_leaf(ca)
+    # leaf_keys: (proxy, client) RSA-2048 keys generated ahead (the flow overlaps them with network waits)
+    proxy = make_proxy_leaf(ca, leaf_keys[0] if leaf_keys else None)
+    client = make_client_leaf(ca, leaf_keys[1] if leaf_keys else None)
 
     proxy_dir = base / PROXY_SUBDIR
     _ensure_dir(proxy_dir, 0o750, owner_uid, tdx_attest_gid)
