@@ -108,6 +108,9 @@ header_dir = "{w / 'luks-hdr'}"
 handoff_dir = "{p.handoff}"
 kmsg_path = "{w / 'kmsg'}"
 unlock_action = "test-passphrase"
+# the demo's validator serves the baseline generation with the removed GET/PUT cache-volume calls
+protocol = "1.2"
+legacy_cache_endpoints = true
 device_wait_s = 0
 max_attempts = 3
 backoff_s = 0.5
