@@ -207,6 +207,10 @@ class ServeConfig:
     #: Requests one caller may have in progress at once; more wait (unread) for their turn, so one caller
     #: gets a bounded share of the service's event loop (0: no limit).
     max_active_requests_per_caller: int = 4
+    #: Requests per second one caller may send on one socket (and the burst); beyond it its next requests
+    #: wait unread until it is back within the rate: delayed, never refused (0: no limit).
+    requests_per_caller_per_s: float = 2000.0
+    requests_per_caller_burst: int = 4000
     #: The last connection slots of a socket, kept for callers holding none there (at most a quarter).
     connections_reserved_for_new_callers: int = 64
     #: Global cap on live rint nonces (see agent.serve.rint.NonceStore for the memory arithmetic).
@@ -391,6 +395,8 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.serve.connections_reserved_for_new_callers < 0:
         raise ConfigError(f"serve.connections_reserved_for_new_callers: must be >= 0, "
                           f"got {cfg.serve.connections_reserved_for_new_callers}")
+    if cfg.serve.requests_per_caller_per_s < 0:
+        raise ConfigError(f"serve.requests_per_caller_per_s: must be >= 0, got {cfg.serve.requests_per_caller_per_s}")
     if cfg.serve.max_active_requests_per_caller < 0:
         raise ConfigError(f"serve.max_active_requests_per_caller: must be >= 0, "
                           f"got {cfg.serve.max_active_requests_per_caller}")

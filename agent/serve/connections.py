@@ -63,7 +63,7 @@ class ConnTracker:
         self, resolver: PeerResolver, *, name: str, max_connections: int,
         idle_timeout_s: float, header_timeout_s: float, max_per_caller: int | None = None,
         max_unidentified: int | None = None, reserved: int = 0, max_scopes: int = 4096,
-        max_active_per_caller: int | None = None,
+        max_active_per_caller: int | None = None, rate_per_caller: float = 0.0, burst_per_caller: int = 0,
     ) -> None:
         self.resolver = resolver
         self.name = name
@@ -82,6 +82,12 @@ class ConnTracker:
         self._active: dict[str, int] = {}
         self._waiting: dict[str, deque[Any]] = {}
         self.held = 0
+        #: Requests per second one caller may send (burst ``burst_per_caller``); over it, its next bytes
+        #: wait unread until the debt is paid back (0: no limit). Delays, never refuses.
+        self.rate_per_caller = rate_per_caller
+        self.burst_per_caller = float(max(1, burst_per_caller))
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # scope -> [tokens, last refill]
+        self.delayed = 0
         #: Per-caller request counters (``/v1/status`` shows a caller only its own), bounded LRU.
         self.caller_counters: OrderedDict[str, Counter[str]] = OrderedDict()
         self._max_scopes = max_scopes
@@ -205,12 +211,38 @@ class ConnTracker:
         if st is not None:
             st.busy = True
             st.requests += 1
+            if self.rate_per_caller:
+                self._charge(st.peer.scope)
             if not st.active and self.max_active_per_caller:  # not counted yet (bytes came in one chunk)
                 st.active = True
                 self._active[st.peer.scope] = self._active.get(st.peer.scope, 0) + 1
         return st
 
     # -- per-caller share of the event loop ----------------------------------------------------------
+    def _bucket(self, scope: str) -> list[float]:
+        assert self._loop is not None
+        now = self._loop.time()
+        b = self._buckets.get(scope)
+        if b is None:
+            b = self._buckets[scope] = [self.burst_per_caller, now]
+            if len(self._buckets) > self._max_scopes:
+                self._buckets.popitem(last=False)
+        else:
+            b[0] = min(self.burst_per_caller, b[0] + (now - b[1]) * self.rate_per_caller)
+            b[1] = now
+        return b
+
+    def _charge(self, scope: str) -> None:
+        """One request started; the balance may go negative (requests already parsed still run)."""
+        self._bucket(scope)[0] -= 1.0
+
+    def debt_wait(self, scope: str) -> float:
+        """Seconds until this caller is out of debt (0: its bytes may be read now)."""
+        if not self.rate_per_caller or scope not in self._buckets:
+            return 0.0
+        tokens = self._bucket(scope)[0]
+        return -tokens / self.rate_per_caller if tokens < 0 else 0.0
+
     def may_start(self, st: ConnState, proto: Any) -> bool:
         """A request's first bytes arrived: True to go ahead; False when the caller is at its limit (the
         connection waits, queued, until one of the caller's requests is answered)."""
@@ -380,6 +412,14 @@ class _TrackedProtocol(asyncio.Protocol):
                     self._transport.close()
                 return
             st = self._state  # what ConnTracker.data does, without the dict lookup
+            if st is not None and self._tracker.rate_per_caller:
+                wait = self._tracker.debt_wait(st.peer.scope)
+                if wait > 0:  # over its request rate: read on once the debt is paid back
+                    self._tracker.delayed += 1
+                    self._held = bytearray(data)
+                    self._transport.pause_reading()
+                    asyncio.get_running_loop().call_later(wait, self._go)
+                    return
             if st is not None and not st.busy and st.phase == "idle" and self._now is not None:
                 if not st.active and not self._tracker.may_start(st, self):
                     self._held = bytearray(data)
@@ -395,7 +435,7 @@ class _TrackedProtocol(asyncio.Protocol):
     def _go(self) -> None:
         """This connection's turn: resume reading and hand over what arrived meanwhile."""
         held, self._held = self._held, None
-        if self._transport.is_closing():
+        if held is None or self._transport.is_closing() or self._state is None:
             return
         self._transport.resume_reading()
         if held:

@@ -122,7 +122,9 @@ class Service:
                               max_per_caller=s.max_connections_per_caller,
                               max_unidentified=s.max_connections_unidentified,
                               reserved=s.connections_reserved_for_new_callers,
-                              max_active_per_caller=s.max_active_requests_per_caller)
+                              max_active_per_caller=s.max_active_requests_per_caller,
+                              rate_per_caller=s.requests_per_caller_per_s,
+                              burst_per_caller=s.requests_per_caller_burst)
         render = compat_body if name == "compat" else chute_body
         tracker.error_body = render
         mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,

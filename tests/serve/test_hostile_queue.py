@@ -63,8 +63,11 @@ async def test_per_caller_share_and_reserved_lane_unit() -> None:
 async def test_compat_attest_survives_a_flooding_container(service_factory, monkeypatch) -> None:
     from agent.sim.quote_sim import SimulatedQuoteSource
 
+    # the event-loop share (max_active_requests_per_caller) would already hold most of the flood back
+    # before the queue: switched off here so this is the quote queue's own guarantee
     svc = await service_factory(evidence_rate_per_s=10000.0, evidence_burst=10000, quote__queue_max=16,
-                                quote__queue_per_caller=4, quote__queue_reserved_compat=4, quote__deadline_s=20.0)
+                                quote__queue_per_caller=4, quote__queue_reserved_compat=4, quote__deadline_s=20.0,
+                                max_active_requests_per_caller=0, requests_per_caller_per_s=0.0)
     real = SimulatedQuoteSource.get_quote
 
     def slow(self, report_data: bytes) -> bytes:  # emulated QGS round trip
