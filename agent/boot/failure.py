@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import TextIO
 
+from agent.errors import AgentError
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -22,14 +23,16 @@ MARKER = "TDX-LUKS-UNLOCK-FAILED"
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
-class BootFailure(Exception):
-    """A boot stage failed for good. ``stage`` names it; ``str()`` is the operator-readable reason."""
+class BootFailure(AgentError):
+    """A boot stage failed for good. ``stage`` names it; ``detail`` (= ``str()``) is the operator-readable text.
 
-    def __init__(self, stage: str, reason: str, exit_code: int = 1, marker: str = MARKER) -> None:
-        super().__init__(reason)
+    Its stable reason code is ``boot_<stage>`` (``boot-status.json``, logs); ``exit_code`` what ``boot`` exits with.
+    """
+
+    def __init__(self, stage: str, detail: str, exit_code: int = 1, marker: str = MARKER) -> None:
+        super().__init__(detail, exit_code=exit_code, reason=f"boot_{stage}")
         self.stage = stage
-        self.reason = reason
-        self.exit_code = exit_code
+        self.detail = detail
         #: The reference's marker for the failing step (§3.7), e.g. STORAGE-SETUP-FAILED after the unlock.
         self.marker = marker
 

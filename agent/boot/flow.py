@@ -262,16 +262,18 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
     }
     outcome = BootOutcome(True, 0)
     marker = failure.MARKER
+    reason_code: str | None = None
     try:
         await _boot(cfg, deps, timer, status)
     except BootFailure as exc:
-        outcome = BootOutcome(False, exc.exit_code, f"{exc.stage}: {exc.reason}")
-        marker = exc.marker
+        outcome = BootOutcome(False, exc.exit_code, f"{exc.stage}: {exc.detail}")
+        marker, reason_code = exc.marker, exc.reason
     except Exception as exc:  # a bug must still fail closed, with a reason
         log.exception("boot.internal_error")
         outcome = BootOutcome(False, EXIT_FAILED, f"internal: {type(exc).__name__}: {exc}")
+        reason_code = "boot_internal"
     status.update(
-        outcome="unlocked" if outcome.ok else "failed", reason=outcome.reason or None,
+        outcome="unlocked" if outcome.ok else "failed", reason=outcome.reason or None, reason_code=reason_code,
         finished_at=dt.datetime.now(dt.UTC).isoformat(), stages=[r.to_dict() for r in timer.records],
         timings=timer.totals(getattr(deps.cryptsetup, "elapsed_s", 0.0)),
     )

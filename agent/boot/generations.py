@@ -348,7 +348,7 @@ async def signing_keys(run: Run) -> None:
     try:
         body = await budget.retried("signing keys", "signing_keys", once)
     except BootFailure as exc:
-        raise BootFailure("signing_keys", exc.reason, marker=M_SIGNING) from None
+        raise BootFailure("signing_keys", exc.detail, marker=M_SIGNING) from None
     with run.timer.stage("signing_keys") as st:
         try:
             keys = verify_signing_keys(body, root_pem)

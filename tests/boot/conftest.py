@@ -99,7 +99,8 @@ class BootRig:
         out += [t.encode() for t in st.boot_tokens]
         out += [bytes(vm.cache.reveal()) for vm in st.vms.values() if vm.cache is not None]
         out += [bytes(vm.root.reveal()) for vm in st.vms.values()]
-        return [s for s in out if s]
+        out += self.validator.secret_values()  # everything else it holds or handed out (volume keys, ...)
+        return [s for s in dict.fromkeys(out) if s]
 
     def assert_no_secret_leaked(self) -> None:
         secrets_ = self.secrets()

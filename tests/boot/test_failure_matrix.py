@@ -27,6 +27,8 @@ async def _fail(rig: BootRig, deps=None) -> tuple[str, flow.BootOutcome]:
     reason = rig.failure_reason(outcome)
     status = json.loads(Path(rig.cfg.serve.boot_status_path).read_text())
     assert status["outcome"] == "failed" and status["reason"] == reason
+    # the stable reason code names the failing stage (the text may change, the code may not)
+    assert status["reason_code"] == "boot_" + reason.split(":", 1)[0]
     rig.assert_no_secret_leaked()
     return reason, outcome
 
