@@ -330,15 +330,16 @@ evidence_burst = 20
             print("service did not stop within 60 s of SIGTERM; log tail:", file=sys.stderr)
             print((tmp / "serve.log").read_text()[-6000:], file=sys.stderr)
             raise
-        notify.close()
-        for d in cgs.values():
-            if d:
-                for _ in range(50):
-                    try:
-                        os.rmdir(d)
-                        break
-                    except OSError:
-                        time.sleep(0.1)
+        finally:
+            notify.close()
+            for d in cgs.values():
+                if d:
+                    for _ in range(50):
+                        try:
+                            os.rmdir(d)
+                            break
+                        except OSError:
+                            time.sleep(0.1)
     shutil.rmtree(tmp, ignore_errors=True)
     out: dict[str, object] = {"distinct_cgroups": root is not None}
     for probe in ("good", "compat"):
