@@ -131,7 +131,7 @@ def main() -> int:
     status, body = get(COMPAT, "/tdx/quote?nonce=not-hex")
     emit(
         "compat_bad_nonce",
-        status == 400 and isinstance(body, dict) and "nonce" in json.dumps(body),
+        status == 400 and isinstance(body, dict) and "nonce" in json.dumps(body).lower(),
         status=status,
         body=body,
     )
