@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -37,6 +37,9 @@ from agent.serve.service_cert import load_identity
 from agent.serve.sockets import BACKLOG, bind_unix
 from agent.serve.systemd_integration import Notifier, listen_sockets, watchdog_interval_s
 
+if TYPE_CHECKING:
+    from agent.evidence.quote_queue import QuoteQueue
+
 log = get_logger(__name__)
 
 SOCKET_NAMES = ("compat", "chute")
@@ -44,11 +47,11 @@ SOCKET_NAMES = ("compat", "chute")
 NO_TIMEOUT = frozenset({("GET", "/health"), ("GET", "/v1/health"), ("GET", "/v1/status"),
                         ("POST", "/v1/rint/nonce")})
 MAX_LOOP_LAG_S = 5.0
+#: GIL hand-off interval once serving (CPython's default is 5 ms).
+GIL_SWITCH_INTERVAL_S = 0.0005
 #: Young-generation threshold once serving (CPython's default is 700).
 GC_GEN0_THRESHOLD = 7000
 #: A single quote-source call running longer than 2 x quote.deadline_s + this is "wedged".
-#: GIL hand-off interval once serving (CPython's default is 5 ms).
-GIL_SWITCH_INTERVAL_S = 0.0005
 WEDGE_GRACE_S = 5.0
 
 
@@ -92,7 +95,7 @@ class Service:
     listeners: list[_Listener] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    _queue: Any = None
+    _queue: QuoteQueue | None = None
 
     # -- start-up -----------------------------------------------------------------------------------
     async def _self_check(self, collector: Collector) -> dict[str, Any]:
@@ -109,7 +112,8 @@ class Service:
         if bytes(q.report_data) != collector.report_data(nonce):
             raise SelfCheckError("self-check quote carries the wrong report_data")
         took_ms = round((time.monotonic() - started) * 1000, 1)
-        m = {name: bytes(getattr(q, name)).hex() for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")}
+        m: dict[str, Any] = {name: bytes(getattr(q, name)).hex()
+                             for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")}
         m.update(debug=bool(q.debug), quote_version=int(q.version), self_check_ms=took_ms)
         log.info("serve.self_check", result="ok", duration_ms=took_ms, mr_td=m["mr_td"][:16])
         return m
@@ -198,14 +202,14 @@ class Service:
         # allocations meant one every ~150 requests and a full one every few seconds under load.
         # Ten times fewer collections of all generations, same objects found; cycles are rare here.
         gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-        self.notifier.ready(status)
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
-        self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))
-
         # Quote and GPU evidence work runs on threads; with the default 5 ms GIL switch interval a thread
         # waits up to 5 ms per hand-off while the event loop is busy (e.g. answering a flooding caller), so
         # one container's cheap requests would stretch every neighbour's evidence. Hand off sooner.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self.notifier.ready(status)
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))
+
     # -- steady state -------------------------------------------------------------------------------
     async def _purge_loop(self) -> None:
         assert self.ctx is not None
@@ -311,6 +315,9 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._queue is not None:
             await self._queue.aclose()
+        from agent.validator.rint_relay import close_shared
+
+        await close_shared()  # the rint relay's pooled validator connections
         log.info("serve.stopped", duration_ms=round((time.monotonic() - started) * 1000, 1), abandoned=left)
 
 

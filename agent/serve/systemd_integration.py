@@ -65,19 +65,17 @@ def watchdog_interval_s(environ: Mapping[str, str] | None = None) -> float | Non
 
 
 class Notifier:
-    """sd_notify(3) sender; a no-op without ``NOTIFY_SOCKET``."""
+    """sd_notify(3) sender; a no-op without ``NOTIFY_SOCKET``.
+
+    Written here rather than through systemd-python's ``daemon.notify``: that call blocks when the
+    receiver's buffer is full, and a service blocked in a notify never gets to its SIGTERM handler.
+    Each message is one non-blocking datagram (``MSG_DONTWAIT``); a full buffer drops that message
+    (the next WATCHDOG=1 or STATUS= follows soon) instead of wedging the event loop.
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.address = env.get("NOTIFY_SOCKET") or None
-        self._send = None
-        if self.address:
-            try:
-                from systemd import daemon
-
-                self._send = daemon.notify
-            except ImportError:
-                self._send = None
 
     @property
     def enabled(self) -> bool:
@@ -86,15 +84,12 @@ class Notifier:
     def notify(self, *lines: str) -> bool:
         if not self.address:
             return False
-        message = "\n".join(lines)
-        if self._send is not None:
-            return bool(self._send(message))
         addr = self.address
         if addr.startswith("@"):
             addr = "\0" + addr[1:]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             try:
-                s.sendto(message.encode(), addr)
+                s.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, addr)
             except OSError:
                 return False
         return True
