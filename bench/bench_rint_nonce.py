@@ -190,6 +190,13 @@ key_path = "{tmp}/certs/server.key"
 nonce_rate_per_s = 1e9
 nonce_burst = 1000000
 max_connections = 4096
+# one load generator stands in for many chutes: lift the per-caller fair-share limits (issue 11) so the
+# figure is the service's own throughput, as before those limits existed
+max_connections_per_caller = 4096
+connections_reserved_for_new_callers = 0
+max_active_requests_per_caller = 0
+requests_per_caller_per_s = 0
+rint_nonces_max = 1000000
 """)
     notify_path = str(tmp / "notify.sock")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
