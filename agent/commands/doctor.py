@@ -2,8 +2,9 @@
 
 tdx_guest module and device, the configfs-tsm provider, a real quote through configfs (QGS answering),
 NVML, GPU confidential-computing mode, the optional vTPM, the service identity (the boot's CA-signed leaf on
-1.4.0+, else the self-signed pair, and why) and both service sockets. A v5 quote is flagged: the validator
-reads v4 offsets only, so the compat socket refuses it unless ``quote.allow_v5``.
+1.4.0+, else the self-signed pair, and why), both service sockets and the node-wide load figures (every
+caller's requests, rate limits, quotes, nonces, connections) that only the compat socket serves. A v5 quote
+is flagged: the validator reads v4 offsets only, so the compat socket refuses it unless ``quote.allow_v5``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.cli import EXIT_OK, EXIT_UNAVAILABLE, add_json_flag
 from agent.config import AgentConfig
@@ -137,16 +139,11 @@ def check_cert(cfg: AgentConfig) -> Check:
     return Check("service_cert", "ok", f"{cert.source}: {cert.why}; SPKI sha256 {cert.spki_sha256.hex()[:16]}…")
 
 
-def check_socket(name: str, path: str, route: str) -> Check:
+def _unix_get(path: str, route: str, limit: int) -> tuple[int, bytes]:
+    """One ``GET route`` over the unix socket at ``path``: (status, at most ``limit`` body bytes)."""
     import http.client
     import socket
 
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return Check(f"{name}_socket", "fail", f"{path} missing: is chutes-attest.socket/.service running?")
-    if not stat.S_ISSOCK(st.st_mode):
-        return Check(f"{name}_socket", "fail", f"{path} exists but is not a socket")
     conn = http.client.HTTPConnection("localhost", timeout=5)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,15 +152,63 @@ def check_socket(name: str, path: str, route: str) -> Check:
         conn.sock = s
         conn.request("GET", route)
         resp = conn.getresponse()
-        body = resp.read(200)
-    except OSError as exc:
-        return Check(f"{name}_socket", "fail", f"{path}: {exc.strerror or exc}")
+        return resp.status, resp.read(limit)
     finally:
         conn.close()
+
+
+def check_socket(name: str, path: str, route: str) -> Check:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Check(f"{name}_socket", "fail", f"{path} missing: is chutes-attest.socket/.service running?")
+    if not stat.S_ISSOCK(st.st_mode):
+        return Check(f"{name}_socket", "fail", f"{path} exists but is not a socket")
+    try:
+        status, body = _unix_get(path, route, 200)
+    except OSError as exc:
+        return Check(f"{name}_socket", "fail", f"{path}: {exc.strerror or exc}")
     mode = stat.filemode(st.st_mode)
-    if resp.status != 200:
-        return Check(f"{name}_socket", "fail", f"{path} GET {route} -> HTTP {resp.status} {body[:80]!r}")
+    if status != 200:
+        return Check(f"{name}_socket", "fail", f"{path} GET {route} -> HTTP {status} {body[:80]!r}")
     return Check(f"{name}_socket", "ok", f"{path} ({mode}) answers GET {route}")
+
+
+def summarize_node_status(doc: dict[str, Any]) -> tuple[str, str]:
+    """(status, one line) from the compat socket's node-wide ``/status``: every caller's load in figures."""
+    counters = doc.get("counters") or {}
+    requests = counters.get("requests") or {}
+    limited = counters.get("rate_limited") or {}
+    quotes = counters.get("quotes") or {}
+    conns = counters.get("connections") or {}
+    rint = doc.get("rint") or {}
+    queue = doc.get("queue") or {}
+    total = sum(v for v in requests.values() if isinstance(v, int))
+    errors = sum(v for k, v in requests.items() if isinstance(v, int) and k.rsplit(" ", 1)[-1][:1] == "5")
+    open_conns = sum(c.get("open", 0) for c in conns.values() if isinstance(c, dict))
+    refused = sum(c.get("refused", 0) for c in conns.values() if isinstance(c, dict))
+    line = (f"{total} requests ({errors} 5xx), rate-limited {sum(limited.values())}, quotes ok {quotes.get('ok', 0)}"
+            f" failed {quotes.get('failed', 0)} v5-refused {quotes.get('v5_refused', 0)}, queue depth "
+            f"{queue.get('depth', 0)}, rint nonces {rint.get('live_nonces', 0)}/{rint.get('cap', '?')}, "
+            f"connections open {open_conns} refused {refused}")
+    warn = quotes.get("failed", 0) or quotes.get("v5_refused", 0) or rint.get("refused_full", 0)
+    return ("warn" if warn else "ok"), line
+
+
+def check_node_status(cfg: AgentConfig) -> Check:
+    """Node-wide figures (all callers) from the compat socket; chute containers only ever see their own."""
+    import json
+
+    path = cfg.serve.compat_socket
+    try:
+        status, body = _unix_get(path, "/status", 1 << 20)
+        doc = json.loads(body)
+    except (OSError, ValueError) as exc:
+        return Check("service_load", "skip", f"no node-wide status from {path}: {exc}")
+    if status != 200 or not isinstance(doc, dict):
+        return Check("service_load", "fail", f"{path} GET /status -> HTTP {status}")
+    verdict, line = summarize_node_status(doc)
+    return Check("service_load", verdict, line)
 
 
 def check_tpm(cfg: AgentConfig) -> Check:
@@ -190,6 +235,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     checks.append(check_cert(cfg))
     checks.append(check_socket("compat", cfg.serve.compat_socket, "/health"))
     checks.append(check_socket("chute", cfg.serve.chute_socket, "/v1/health"))
+    checks.append(check_node_status(cfg))
     failed = any(c.status == "fail" for c in checks)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))

@@ -76,7 +76,7 @@ def node_status(ctx: ServiceContext) -> dict[str, Any]:
             "requests": dict(ctx.counters),
             "rate_limited": {"evidence": ctx.evidence_limiter.rejected, "nonce": ctx.nonce_limiter.rejected,
                              "relay": ctx.relay_limiter.rejected},
-            "quotes": {"ok": c.health.ok, "failed": c.health.failed},
+            "quotes": {"ok": c.health.ok, "failed": c.health.failed, "v5_refused": c.health.v5_refused},
             "connections": {name: {"open": len(t.states), "accepted": t.accepted, "refused": t.refused,
                                    "timed_out": t.timed_out, "bad_http": t.bad_http,
                                    "unidentified": t.resolver.unidentified}

@@ -80,7 +80,7 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
     doc = json.loads(r.stdout)
     checks = {c["name"]: c for c in doc["checks"]}
     assert list(checks) == ["tdx_guest", "tsm", "quote", "nvml", "cc_mode", "tpm", "service_cert",
-                            "compat_socket", "chute_socket"]
+                            "compat_socket", "chute_socket", "service_load"]
     assert checks["tpm"]["status"] == "skip"  # tpm.mode=off in these tests
     if not Path("/dev/tdx_guest").exists():  # this machine: not a TDX guest
         assert checks["tdx_guest"]["status"] == "fail" and r.returncode == 5 and doc["ok"] is False
@@ -90,8 +90,13 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
     assert checks["cc_mode"]["status"] == "ok"
     assert checks["service_cert"]["status"] == "ok"
     assert checks["compat_socket"]["status"] == "ok" and checks["chute_socket"]["status"] == "ok"
+    # node-wide figures (every caller) come from the compat socket; the service answered the two health checks
+    load = checks["service_load"]
+    assert load["status"] == "ok", load
+    assert "requests (0 5xx)" in load["detail"] and "rint nonces 0/65536" in load["detail"]
+    assert int(load["detail"].split(" requests")[0]) >= 2
     lines = text.stdout.strip().splitlines()
-    assert len(lines) == 9 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
+    assert len(lines) == 10 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
 
 
 def test_doctor_sockets_missing(short_tmp: Path, sim_dir: Path) -> None:
@@ -102,3 +107,19 @@ def test_doctor_sockets_missing(short_tmp: Path, sim_dir: Path) -> None:
     assert checks["quote"]["status"] == "skip"
     assert checks["compat_socket"]["status"] == "fail" and "missing" in checks["compat_socket"]["detail"]
     assert checks["service_cert"]["status"] == "fail"
+
+
+def test_doctor_node_summary_flags_refused_v5_and_failures() -> None:
+    from agent.commands.doctor import summarize_node_status
+
+    doc = {"counters": {"requests": {"compat /attest 200": 5, "compat /attest 503": 2, "chute /v1/status 200": 1},
+                        "rate_limited": {"evidence": 1, "nonce": 0, "relay": 3},
+                        "quotes": {"ok": 5, "failed": 0, "v5_refused": 2},
+                        "connections": {"compat": {"open": 1, "refused": 4}, "chute": {"open": 2, "refused": 0}}},
+           "rint": {"live_nonces": 7, "cap": 65536, "refused_full": 0}, "queue": {"depth": 3}}
+    verdict, line = summarize_node_status(doc)
+    assert verdict == "warn"
+    assert line == ("8 requests (2 5xx), rate-limited 4, quotes ok 5 failed 0 v5-refused 2, queue depth 3, "
+                    "rint nonces 7/65536, connections open 3 refused 4")
+    doc["counters"]["quotes"]["v5_refused"] = 0
+    assert summarize_node_status(doc)[0] == "ok"
