@@ -1,116 +1,184 @@
-"""The main job on a machine without TDX or GPUs: a full simulated boot, then the service.
+"""The main job on a machine without TDX or GPUs: a full simulated boot of one VM generation, then the service.
 
 Everything production runs unmodified; only the hardware and the validator are stand-ins, each
-explicitly configured (never a fallback):
+explicitly configured in the generated ``agent.toml`` (never a fallback):
 
 - quotes: the production configfs-tsm reader over the FUSE configfs-tsm emulator, whose quotes come
-  from the simulated PCK chain (``--quote simulated`` skips FUSE and uses the simulated source directly);
+  from the simulated PCK chain and carry the registers of the FUSE RTMR emulator (``--quote simulated``
+  skips FUSE and uses the simulated source directly: ≤1.2 only, it has no live RTMR3);
+- RTMR3: the production sysfs writer (``rtmr.sysfs_path``) over the FUSE measurement-register emulator;
+  the boot's rootfs chain measures a small demo root tree whose manifest and registered runtime RTMR3
+  come from ``chutes-attest rtmr3 predict``;
 - GPUs: eight emulated H100s behind the real pynvml wrapper (``gpu.emulate = "h100x8"``);
-- validator: the faithful validator (real nginx TLS terminator with ``optional_no_ca`` + aiohttp app);
-- disks: a real LUKS2 root image (passphrase held only by the validator) confirmed with
-  ``cryptsetup open --test-passphrase`` (no device-mapper here), a config volume labelled ``tdx-config``
-  and a blank cache volume that the boot formats as LUKS2.
+- validator: the faithful validator (real nginx TLS fronts cvm / legacy / api + aiohttp app) serving one
+  generation (``--protocol``, default 1.4: VM root CA, sr25519 proofs, root rotation, provision);
+- disks: real LUKS2 image files: the root (build passphrase + first-boot token 15 on 1.4.0, checked with
+  ``cryptsetup open --test-passphrase``: no device-mapper here), ``storage`` and ``tdx-cache`` (blank,
+  formatted by the boot with the validator's keys) and a config volume labelled ``tdx-config``.
 
-Then ``chutes-attest serve`` runs on two unix sockets with ``NOTIFY_SOCKET`` pointed at the demo, which
-waits for ``READY=1``, prints ready-to-paste ``curl --unix-socket`` commands and runs until Ctrl-C
-(``--once`` instead calls every route itself and exits with the result).
+The agent runs with ``boot.protocol = "auto"``: the validator's answer decides the steps, as on a real VM.
+Then ``chutes-attest serve`` runs on two unix sockets (the 1.4.0 identity is the boot's CA-signed proxy
+leaf from the demo's hand-off dir) with ``NOTIFY_SOCKET`` pointed at the demo, which waits for
+``READY=1``, prints ready-to-paste ``curl --unix-socket`` commands and runs until Ctrl-C (``--once``
+instead checks every route itself and exits with the result).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import grp
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
 from agent.log import Secret
+from agent.sim import demo_checks as checks
 from agent.sim.luks_image import (
-    make_config_volume,
     make_ext4_image,
     make_luks_image,
     null_cipher_segment,
     random_hotkey,
     tamper_luks2_metadata,
 )
-from agent.sim.quote_sim import load_or_create_sim_pki
+from agent.sim.quote_sim import DEFAULT_MR_TD, DEFAULT_RTMRS, load_or_create_sim_pki
+from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, MeasurementsFs, MrState
 from agent.sim.validator import FaithfulValidator, Fault
 
-FAIL_MODES = ("none", "cipher-null", "wrong-key", "404", "401", "garbage")
+PROTOCOLS = ("1.4", "1.3", "1.2")
+FAIL_MODES = ("none", "cipher-null", "wrong-key", "404", "401", "garbage", "root-confirm", "storage", "rtmr3")
+#: Fail modes that exist only where their step does.
+FAIL_GENERATIONS = {"root-confirm": ("1.4",), "rtmr3": ("1.3", "1.4")}
+#: The endpoint that hands out the storage-volume keys, per generation (``--fail storage``).
+STORAGE_ENDPOINT = {"1.4": "provision", "1.3": "luks_attest", "1.2": "luks_post"}
 VM_NAME = "demo-vm-01"
 READY_TIMEOUT_S = 120.0
+NETPLAN = "network:\n  ethernets:\n    enp0s2:\n      addresses: [10.20.30.40/24]\n      gateway4: 10.20.30.1\n"
+#: The demo image's root tree: what the RTMR3 rootfs chain measures (under /etc and /usr).
+ROOTFS_FILES = {
+    "etc/hostname": b"demo-vm-01\n",
+    "etc/chutes/agent.conf": b"# simulated image configuration\nmode = demo\n",
+    "usr/lib/chutes/libdemo.so": b"\x7fELF" + bytes(4092),
+    "var/lib/unmeasured": b"not under a measured path\n",
+}
+ROOTFS_RANDOM = {"usr/bin/chutes-demo-tool": 96 * 1024}
+MEASURED_PATHS = "/etc\n/usr\n"
+
+
+def check_options(protocol: str, fail: str, quote: str) -> str | None:
+    """A usage error for a combination the demo cannot show, else None."""
+    if protocol not in PROTOCOLS:
+        return f"--protocol: one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+    if fail not in FAIL_MODES:
+        return f"--fail: one of {', '.join(FAIL_MODES)}, got {fail!r}"
+    gens = FAIL_GENERATIONS.get(fail)
+    if gens is not None and protocol not in gens:
+        return f"--fail {fail}: only with --protocol {' or '.join(gens)} (that step does not exist in {protocol})"
+    if quote == "simulated" and protocol != "1.2":
+        return (f"--quote simulated: only with --protocol 1.2 (the {protocol} rootfs chain extends RTMR3, which "
+                "only the emulated registers carry into quotes)")
+    return None
+
+
+class DemoPaths:
+    """Every file the demo makes lives under one work directory (the hand-off dir is ``run/chutes``)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.config = work / "agent.toml"
+        self.run = work / "run"
+        self.compat_socket = self.run / "attestation-service" / "attestation.sock"
+        self.chute_socket = self.run / "chutes-attest" / "chutes.sock"
+        self.handoff = self.run / "chutes"
+        self.sim = work / "sim"
+        self.validator = work / "validator"
+        self.config_image = work / "config.img"
+        self.root_image = work / "root.img"
+        self.storage_image = work / "storage.img"
+        self.tdx_cache_image = work / "tdx-cache.img"
+        self.rootfs = work / "rootfs"
+        # what the initramfs carries: the measured path list and the expected-hash manifest
+        self.measure_conf = work / "initramfs" / "etc" / "tdx-measure.conf"
+        self.manifest = work / "initramfs" / "etc" / "tdx-rtmr3-expected-hashes"
+        self.tsm_mount = work / "emulated" / "tsm-report"
+        self.mr_mount = work / "emulated" / "measurements"
+        self.proxy_leaf = self.handoff / "proxy-tls" / "server.crt"
+        self.vm_root_ca = self.handoff / "vm-root-ca" / "ca.crt"
+        self.self_signed_cert = work / "certs" / "server.crt"
+        #: The ``--once`` check's /attest answer (public evidence), for inspection after the run.
+        self.attest_record = work / "attest-once.json"
 
 
 @dataclass
-class DemoPaths:
-    """Every file the demo makes lives under one work directory."""
+class DemoRig:
+    """The demo's simulated VM: paths, validator, the VM's identity and the emulated registers."""
 
-    work: Path
-
-    @property
-    def config(self) -> Path:
-        return self.work / "agent.toml"
-
-    @property
-    def run(self) -> Path:
-        return self.work / "run"
-
-    @property
-    def compat_socket(self) -> Path:
-        return self.run / "attestation-service" / "attestation.sock"
-
-    @property
-    def chute_socket(self) -> Path:
-        return self.run / "chutes-attest" / "chutes.sock"
-
-    @property
-    def handoff(self) -> Path:
-        return self.run / "chutes"
+    paths: DemoPaths
+    v: FaithfulValidator
+    generation: str
+    vm: str
+    hotkey: str
+    build_key: Secret
+    #: The key the root image was made with (the build passphrase, except with ``--fail wrong-key``).
+    image_key: Secret
+    mr_state: MrState
+    predicted_rtmr3: str
+    quote: str
+    phases: dict[str, float] = field(default_factory=dict)
 
 
-def write_config(p: DemoPaths, v: FaithfulValidator, quote: str, tsm_root: str) -> None:
+def write_config(rig: DemoRig) -> None:
     """One explicit agent.toml for both lives: boot and serve."""
-    w = p.work
-    source = f'source = "configfs"\nconfigfs_root = "{tsm_root}"' if quote == "emulated" else 'source = "simulated"'
+    p, v, w = rig.paths, rig.v, rig.paths.work
+    source = (f'source = "configfs"\nconfigfs_root = "{p.tsm_mount}"' if rig.quote == "emulated"
+              else 'source = "simulated"')
+    group = grp.getgrgid(os.getgid()).gr_name
     p.config.write_text(f"""# generated by chutes-attest demo: every simulated part is named here explicitly
 [log]
 level = "info"
 [quote]
 {source}
-simulated_state_dir = "{w / 'sim'}"
+simulated_state_dir = "{p.sim}"
+[rtmr]
+# the FUSE measurement-register emulator (the kernel's tsm-mr sysfs ABI), not a TD
+sysfs_path = "{p.mr_mount}/rtmr3:sha384"
+event_log = "{w / 'rtmr3-events.jsonl'}"
 [gpu]
 emulate = "h100x8"
 [tpm]
 mode = "off"
 [boot]
-validator_url = "{v.url}"
+# the validator's answer picks the steps; the demo's faithful validator serves generation {rig.generation}
+protocol = "auto"
+tdx_base_url = "{v.tdx_base_url}"
+validator_base_url = "{v.api_url}"
 ca_bundle = "{v.ca_bundle}"
 network = "initramfs"
-config_device = "{w / 'config.img'}"
+config_device = "{p.config_image}"
 config_mount = "{w / 'mnt-config'}"
-root_device = "{w / 'root.img'}"
-cache_device = "{w / 'cache.img'}"
+root_device = "{p.root_image}"
+storage_device = "{p.storage_image}"
+tdx_cache_device = "{p.tdx_cache_image}"
 header_dir = "{w / 'luks-hdr'}"
 handoff_dir = "{p.handoff}"
 kmsg_path = "{w / 'kmsg'}"
 unlock_action = "test-passphrase"
-# the demo's validator serves the baseline generation with the removed GET/PUT cache-volume calls
-protocol = "1.2"
-legacy_cache_endpoints = true
+rootfs_dir = "{p.rootfs}"
+measure_conf = "{p.measure_conf}"
+rtmr3_manifest = "{p.manifest}"
+proxy_tls_group = "{group}"
+signing_root_key = "{v.signing_root_pem_path}"
 device_wait_s = 0
 max_attempts = 3
 backoff_s = 0.5
@@ -120,41 +188,136 @@ format_pbkdf_iterations = 1000
 compat_socket = "{p.compat_socket}"
 chute_socket = "{p.chute_socket}"
 socket_mode = 0o666
-cert_path = "{w / 'certs' / 'server.crt'}"
-key_path = "{w / 'certs' / 'server.key'}"
+# 1.4.0: the boot's CA-signed proxy leaf is the identity; before 1.4.0 the self-signed pair below
+handoff_cert_path = "{p.proxy_leaf}"
+handoff_key_path = "{p.proxy_leaf.with_name('server.key')}"
+vm_root_ca_path = "{p.vm_root_ca}"
+cert_path = "{p.self_signed_cert}"
+key_path = "{p.self_signed_cert.with_name('server.key')}"
 boot_status_path = "{p.handoff / 'boot-status.json'}"
-validator_hosts = ["{v.host}:{v.port}"]
+validator_hosts = ["{v.host}:{v.api_port}"]
 relay_ca_bundle = "{v.ca_bundle}"
 """)
 
 
-def launch_token(url: str, config_id: str) -> str:
-    """A launch JWT shaped like the validator's (ES256, ``url`` claim); signed by a throw-away key."""
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+# ── the simulated image ──────────────────────────────────────────────────────
 
-    now = int(time.time())
-    header = b64(json.dumps({"alg": "ES256", "typ": "JWT"}).encode())
-    claims = b64(json.dumps({"iss": "chutes", "sub": config_id, "iat": now, "exp": now + 12600,
-                             "url": url, "env_type": "tee"}).encode())
-    key = ec.generate_private_key(ec.SECP256R1())
-    r, s = decode_dss_signature(key.sign(f"{header}.{claims}".encode(), ec.ECDSA(hashes.SHA256())))
-    return f"{header}.{claims}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+def make_rootfs(p: DemoPaths) -> None:
+    for rel, data in {**ROOTFS_FILES, **{k: os.urandom(n) for k, n in ROOTFS_RANDOM.items()}}.items():
+        path = p.rootfs / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    p.measure_conf.parent.mkdir(parents=True, exist_ok=True)
+    p.measure_conf.write_text(MEASURED_PATHS)
 
 
-async def _run_boot(p: DemoPaths) -> int:
+def predict_rtmr3(p: DemoPaths) -> str:
+    """What an operator registers: ``chutes-attest rtmr3 predict`` over the image's root (writes the manifest)."""
+    argv = [sys.executable, "-m", "agent.cli", "rtmr3", "predict", "--root", str(p.rootfs), "--measure-conf",
+            str(p.measure_conf), "--write-manifest", str(p.manifest), "--json"]
+    print(f"demo: registering the image: chutes-attest rtmr3 predict --root {p.rootfs} --measure-conf "
+          f"{p.measure_conf} --write-manifest {p.manifest}", flush=True)
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(f"rtmr3 predict exited {res.returncode}: {res.stderr.strip()}")
+    doc = json.loads(res.stdout)
+    print(f"demo: runtime RTMR3 of the demo image: {doc['rtmr3']} ({doc['files']} files)", flush=True)
+    return str(doc["rtmr3"])
+
+
+def _fresh_td(state: MrState) -> None:
+    """A fresh simulated TD: RTMR0-2 as the simulated firmware/kernel measured them, RTMR3 zero (reference §6)."""
+    with state._lock:  # MrState has no setter: registers only extend, except at TD creation
+        state._regs[0 : 4 * 48] = b"".join(DEFAULT_RTMRS[:3]) + bytes(48)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def emulators(p: DemoPaths, state: MrState, quote: str) -> Iterator[None]:
+    """Mount the RTMR emulator and (``--quote emulated``) the configfs-tsm emulator whose quotes carry it."""
+    from agent.sim.tsm_emulator import TsmReportFs
+    from agent.sim.tsm_fuse import fuse_mounted
+
+    sim_dir = str(p.sim)
+
+    def tsm_ops() -> TsmReportFs:
+        fs = TsmReportFs(sim_dir)
+        fs.source = LiveRtmrQuoteSource(state, sim_dir)  # type: ignore[assignment]  # same get_quote contract
+        return fs
+
+    with contextlib.ExitStack() as stack:
+        p.mr_mount.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(fuse_mounted(lambda: MeasurementsFs(state), fsname="tdx-measurements-emulator",
+                                         mountpoint=str(p.mr_mount)))
+        if quote == "emulated":
+            p.tsm_mount.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(fuse_mounted(tsm_ops, fsname="configfs-tsm-emulator", mountpoint=str(p.tsm_mount)))
+        yield
+
+
+def make_images(p: DemoPaths, v: FaithfulValidator, generation: str, fail: str) -> tuple[str, Secret, Secret]:
+    """Config volume (miner-seed on 1.4.0), the root LUKS2 image and two blank storage volumes."""
+    files = {"hostname": VM_NAME + "\n", "network-config.yaml": NETPLAN}
+    if generation == "1.4":
+        from agent.validator.proof import Hotkey
+
+        seed = secrets.token_hex(32)  # a throw-away simulated miner key: it exists only on this config volume
+        signer = Hotkey.from_seed_hex(seed)
+        hotkey = signer.ss58
+        signer.wipe()
+        files["miner-seed"] = seed + "\n"
+        del seed
+    else:
+        hotkey = random_hotkey()
+    files["miner-ss58"] = hotkey + "\n"
+    build_key = v.add_vm(VM_NAME, hotkey)
+    make_ext4_image(str(p.config_image), files, label="tdx-config")
+    root_key = Secret(secrets.token_hex(32).encode()) if fail == "wrong-key" else build_key
+    make_luks_image(str(p.root_image), root_key, label="root",
+                    first_boot_version="1.4.0" if generation == "1.4" else None)
+    for image in (p.storage_image, p.tdx_cache_image):
+        with open(image, "wb") as fh:
+            fh.truncate(40 << 20)
+    return hotkey, build_key, root_key
+
+
+def inject_failure(rig: DemoRig, fail: str) -> None:
+    p, v = rig.paths, rig.v
+    if fail == "cipher-null":
+        tamper_luks2_metadata(str(p.root_image), null_cipher_segment)
+    elif fail in ("404", "401"):
+        v.inject("attestation", Fault("status", status=int(fail), times=None, detail="injected by demo"))
+    elif fail == "garbage":
+        v.inject("attestation", Fault("garbage", times=None))
+    elif fail == "root-confirm":
+        v.inject("root_confirm", Fault("status", status=500, times=None, detail="injected by demo"))
+    elif fail == "storage":
+        v.inject(STORAGE_ENDPOINT[rig.generation], Fault("status", status=500, times=None,
+                                                         detail="injected by demo"))
+    elif fail == "rtmr3":
+        (p.rootfs / "etc" / "chutes" / "agent.conf").write_bytes(b"# changed after the image was registered\n")
+
+
+# ── boot and serve ───────────────────────────────────────────────────────────
+
+async def _run_boot(p: DemoPaths) -> tuple[int, dict[str, Any] | None]:
     print(f"demo: running: chutes-attest --config {p.config} boot --no-poweroff\n", flush=True)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", "--config", str(p.config), "--log-level", "warning", "boot",
         "--no-poweroff")
     rc = await proc.wait()
     status_path = p.handoff / "boot-status.json"
-    if status_path.exists():
-        status = json.loads(status_path.read_text())
-        print(f"\ndemo: boot outcome={status['outcome']} reason={status.get('reason')}")
-        print("demo: stage timings (ms): " + json.dumps(status.get("timings", {})))
-    print(f"demo: chutes-attest boot exited {rc}", flush=True)
-    return rc
+    status = json.loads(status_path.read_text()) if status_path.exists() else None
+    print(f"\ndemo: chutes-attest boot exited {rc}"
+          + (f": outcome={status['outcome']} reason={status.get('reason')}" if status else ""), flush=True)
+    return rc, status
+
+
+def _after_failure(rig: DemoRig) -> None:
+    """A failed boot must leave a disk some key opens and no CA key behind: show it."""
+    keys = checks.root_key_state(rig)
+    ca_key = (rig.paths.handoff / "vm-root-ca" / "ca.key").exists()
+    print(f"demo: after the failure: root.img opens with {keys.describe()}; "
+          f"vm-root-ca/ca.key {'PRESENT' if ca_key else 'absent'}", flush=True)
 
 
 @contextlib.asynccontextmanager
@@ -192,85 +355,13 @@ async def _wait_ready(queue: asyncio.Queue[str], proc: asyncio.subprocess.Proces
             return
 
 
-def curl_lines(p: DemoPaths, token: str) -> list[str]:
-    nonce = secrets.token_hex(32)
-    compat, chute = p.compat_socket, p.chute_socket
-    return [
-        "# compat socket (what the node's attestation proxy calls)",
-        f"curl -s --unix-socket {compat} http://localhost/health",
-        f"curl -s --unix-socket {compat} 'http://localhost/attest?nonce={nonce}'",
-        f"curl -s --unix-socket {compat} http://localhost/devices",
-        f"curl -s --unix-socket {compat} 'http://localhost/tdx/quote?nonce={nonce}'",
-        f"curl -s --unix-socket {compat} 'http://localhost/nvtrust/evidence?name={VM_NAME}&nonce={nonce}'",
-        "# chute socket (what chute containers call)",
-        f"curl -s --unix-socket {chute} http://localhost/v1/health",
-        f"curl -s --unix-socket {chute} http://localhost/v1/status",
-        f"curl -s --unix-socket {chute} 'http://localhost/v1/evidence?nonce={nonce}'",
-        f"curl -s --unix-socket {chute} http://localhost/v1/devices",
-        f"curl -s --unix-socket {chute} -X POST http://localhost/v1/rint/nonce",
-        f"curl -s --unix-socket {chute} -H 'Authorization: {token}' http://localhost/v1/rint/validator-nonce",
-        f"curl -s --unix-socket {chute} -X POST -H 'Content-Type: application/json' "
-        "-d '{\"symmetric_key\": \"00112233445566778899aabbccddeeff\", \"proto\": \"tcp\", \"port\": 8080}' "
-        "http://localhost/v1/symkey/respond",
-    ]
-
-
-async def self_test(p: DemoPaths, token: str) -> list[tuple[str, bool, str]]:
-    """Call every route over the real sockets and check the answers (``--once``)."""
-    import aiohttp
-
-    from agent.evidence.report_data import spki_sha256
-    from agent.quote import parse_quote
-
-    results: list[tuple[str, bool, str]] = []
-    nonce = secrets.token_hex(32)
-    cert_hash = spki_sha256((p.work / "certs" / "server.crt").read_bytes())
-
-    def bound(quote_b64: str) -> bool:
-        return parse_quote(base64.b64decode(quote_b64)).report_data == bytes.fromhex(nonce) + cert_hash
-
-    async def call(sock: Path, method: str, route: str, **kw: Any) -> tuple[int, Any]:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s, \
-                s.request(method, f"http://localhost{route}", **kw) as r:
-            return r.status, await r.json(content_type=None)
-
-    st, body = await call(p.compat_socket, "GET", "/health")
-    results.append(("compat /health", st == 200 and body == "pong", f"{st} {body!r}"))
-    st, body = await call(p.compat_socket, "GET", f"/attest?nonce={nonce}")
-    ok = st == 200 and bound(body["tdx_quote"]) and len(json.loads(body["nvtrust_evidence"])) == 8
-    results.append(("compat /attest", ok, f"{st}, quote bound to nonce, 8 GPU evidence entries"))
-    st, body = await call(p.compat_socket, "GET", "/devices")
-    results.append(("compat /devices", st == 200 and len(body) == 8, f"{st} {len(body)} GPUs"))
-    st, body = await call(p.compat_socket, "GET", f"/tdx/quote?nonce={nonce}")
-    results.append(("compat /tdx/quote", st == 200 and bound(body), f"{st}"))
-    st, body = await call(p.compat_socket, "GET", "/attest?nonce=abc")
-    results.append(("compat /attest bad nonce", st == 400, f"{st} {body}"))
-    st, body = await call(p.chute_socket, "GET", "/v1/status")
-    results.append(("chute /v1/status", st == 200 and (body.get("boot") or {}).get("outcome") == "unlocked",
-                    f"{st} boot={(body.get('boot') or {}).get('outcome')}"))
-    st, body = await call(p.chute_socket, "GET", f"/v1/evidence?nonce={nonce}")
-    ok = st == 200 and bound(body["quote"]) and len(body["gpu_evidence"]) == 8
-    results.append(("chute /v1/evidence", ok, f"{st}, quote bound to nonce, 8 GPU evidence entries"))
-    st, body = await call(p.chute_socket, "POST", "/v1/rint/nonce")
-    results.append(("chute /v1/rint/nonce", st == 200 and len(body.get("nonce", "")) == 32, f"{st} {body}"))
-    st, body = await call(p.chute_socket, "GET", "/v1/rint/validator-nonce", headers={"Authorization": token})
-    results.append(("chute /v1/rint/validator-nonce (relay)", st == 200, f"{st}"))
-    key = "00112233445566778899aabbccddeeff"
-    st, body = await call(p.chute_socket, "POST", "/v1/symkey/respond",
-                          json={"symmetric_key": key, "proto": "tcp", "port": 8080})
-    answer = body.get("response", "") if isinstance(body, dict) else ""
-    st2, body2 = await call(p.chute_socket, "POST", "/v1/symkey/verify",
-                            json={"symmetric_key": key, "response": answer, "proto": "tcp", "port": 8080})
-    results.append(("chute /v1/symkey respond+verify", st == 200 and st2 == 200 and body2.get("valid") is True,
-                    f"{st}/{st2} {body2}"))
-    return results
-
-
-async def _serve_and_wait(p: DemoPaths, v: FaithfulValidator, once: bool) -> int:
+async def _serve(rig: DemoRig, once: bool, summary: list[str]) -> tuple[int, list[checks.Check]]:
+    p, v = rig.paths, rig.v
     config_id = "demo-" + secrets.token_hex(4)
-    token = launch_token(f"{v.url}/instances/launch_config/{config_id}", config_id)
+    token = checks.launch_token(f"{v.api_url}/instances/launch_config/{config_id}", config_id)
     v.register_launch_config(config_id, token)
     notify_path = p.work / "notify.sock"
+    t0 = time.monotonic()
     async with _notify_listener(notify_path) as queue:
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         env.pop("LISTEN_FDS", None)
@@ -279,12 +370,15 @@ async def _serve_and_wait(p: DemoPaths, v: FaithfulValidator, once: bool) -> int
             env=env, start_new_session=True)
         try:
             await _wait_ready(queue, proc)
-            print("\ndemo: service ready. Try:\n\n" + "\n".join(curl_lines(p, token)) + "\n", flush=True)
+            rig.phases["serve_ready"] = (time.monotonic() - t0) * 1000
+            print("\ndemo: service ready. Try:\n\n" + "\n".join(checks.curl_lines(p, rig.vm, token)) + "\n",
+                  flush=True)
             if once:
-                results = await self_test(p, token)
-                for name, ok, detail in results:
-                    print(f"demo: {'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
-                return 0 if all(ok for _, ok, _ in results) else 1
+                t1 = time.monotonic()
+                results = await checks.self_test(rig, token)
+                rig.phases["route_checks"] = (time.monotonic() - t1) * 1000
+                return (0 if checks.print_checks(results) else 1), results
+            print("\n".join(summary), flush=True)
             print("demo: press Ctrl-C to stop", flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -292,7 +386,7 @@ async def _serve_and_wait(p: DemoPaths, v: FaithfulValidator, once: bool) -> int
                 loop.add_signal_handler(sig, stop.set)
             waiter = asyncio.create_task(proc.wait())
             await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-            return 0 if stop.is_set() else 1
+            return (0 if stop.is_set() else 1), []
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -304,41 +398,61 @@ async def _serve_and_wait(p: DemoPaths, v: FaithfulValidator, once: bool) -> int
             print(f"demo: service stopped (exit {proc.returncode})", flush=True)
 
 
-async def run_demo(work: Path, *, quote: str = "emulated", fail: str = "none", boot_only: bool = False,
-                   once: bool = False) -> int:
+async def run_demo(work: Path, *, protocol: str = "1.4", quote: str = "emulated", fail: str = "none",
+                   boot_only: bool = False, once: bool = False) -> int:
     """Set everything up, boot, then serve; everything is torn down on the way out."""
+    err = check_options(protocol, fail, quote)
+    if err is not None:
+        raise ValueError(err)
+    t0 = time.monotonic()
     p = DemoPaths(work)
     work.mkdir(parents=True, exist_ok=True)
+    for stale in (p.run, p.self_signed_cert.parent, p.rootfs, p.measure_conf.parent.parent, work / "luks-hdr"):
+        shutil.rmtree(stale, ignore_errors=True)  # a reused --work-dir: no hand-off from an earlier run
     (work / "kmsg").touch()
     p.handoff.mkdir(parents=True, exist_ok=True)
-    pki = load_or_create_sim_pki(work / "sim")
-    async with FaithfulValidator(work / "validator", root_ca_pem=pki.root_ca_pem) as v:
-        hotkey = random_hotkey()
-        key = v.add_vm(VM_NAME, hotkey)
-        make_config_volume(str(work / "config.img"), hostname=VM_NAME, hotkey=hotkey)
-        make_luks_image(str(work / "root.img"), Secret("wrong") if fail == "wrong-key" else key, label="root-luks")
-        make_ext4_image(str(work / "cache.img"), {}, label="containerd-cache", size_mb=20)
-        if fail == "cipher-null":
-            tamper_luks2_metadata(str(work / "root.img"), null_cipher_segment)
-        elif fail in ("404", "401"):
-            v.inject("attestation", Fault("status", status=int(fail), times=None, detail="injected by demo"))
-        elif fail == "garbage":
-            v.inject("attestation", Fault("garbage", times=None))
-        with contextlib.ExitStack() as stack:
-            tsm_root = ""
-            if quote == "emulated":
-                from agent.sim.tsm_emulator import mounted_tsm
-
-                tsm_root, _ = stack.enter_context(mounted_tsm(str(work / "sim")))
-            write_config(p, v, quote, tsm_root)
-            print(f"demo: work dir {work}\ndemo: validator {v.url} (nginx TLS terminator, optional_no_ca)")
-            print(f"demo: quotes: {'configfs-tsm reader over the FUSE emulator at ' + tsm_root if tsm_root else quote}"
-                  " (simulated PCK chain, never trusted by default); GPUs: 8 emulated H100", flush=True)
-            rc = await _run_boot(p)
+    print(f"demo: SIMULATED VM, generation {checks.GENERATION_NAMES[protocol]}; work dir {work}", flush=True)
+    pki = load_or_create_sim_pki(p.sim)
+    make_rootfs(p)
+    predicted = predict_rtmr3(p)
+    v = FaithfulValidator(p.validator, root_ca_pem=pki.root_ca_pem, generation=protocol,
+                          runtime_rtmr3=predicted if protocol != "1.2" else None, legacy_luks=False)
+    hotkey, build_key, image_key = make_images(p, v, protocol, fail)
+    state = MrState(DEFAULT_MR_TD)
+    _fresh_td(state)
+    rig = DemoRig(p, v, protocol, VM_NAME, hotkey, build_key, image_key, state, predicted, quote)
+    inject_failure(rig, fail)
+    with emulators(p, state, quote):
+        async with v:
+            write_config(rig)
+            print(f"demo: validator (faithful, nginx TLS fronts): cvm {v.cvm_url}, legacy {v.url}, api {v.api_url}")
+            print(f"demo: quotes: {'configfs-tsm reader over the FUSE emulator at ' + str(p.tsm_mount) if quote == 'emulated' else 'the simulated source directly'}"  # noqa: E501
+                  f" (simulated PCK chain, never trusted by default); RTMRs: FUSE emulator at {p.mr_mount}; "
+                  "GPUs: 8 emulated H100", flush=True)
+            rig.phases["setup"] = (time.monotonic() - t0) * 1000
+            t1 = time.monotonic()
+            rc, status = await _run_boot(p)
+            rig.phases["boot_process"] = (time.monotonic() - t1) * 1000
+            results: list[checks.Check] = []
+            if rc != 0:
+                _after_failure(rig)
+            else:
+                results = checks.boot_checks(rig, status or {})
+                if not checks.print_checks(results):
+                    rc = 1
+            print("demo: hand-off files (mode path):\n" + "\n".join(
+                f"demo:   {line}" for line in checks.handoff_listing(p)), flush=True)
             if rc != 0 or boot_only:
+                print("\n".join(checks.summary_lines(protocol, status, rig.phases, results)), flush=True)
                 return rc
-            return await _serve_and_wait(p, v, once)
+            summary = checks.summary_lines(protocol, status, rig.phases, results)
+            rc, route_results = await _serve(rig, once, summary)
+            if once:
+                print("\n".join(checks.summary_lines(protocol, status, rig.phases, results + route_results)),
+                      flush=True)
+            return rc
 
 
 def default_work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="chutes-attest-demo-"))
+
