@@ -227,8 +227,7 @@ def predict_rtmr3(p: DemoPaths) -> str:
 
 def _fresh_td(state: MrState) -> None:
     """A fresh simulated TD: RTMR0-2 as the simulated firmware/kernel measured them, RTMR3 zero (reference §6)."""
-    with state._lock:  # MrState has no setter: registers only extend, except at TD creation
-        state._regs[0 : 4 * 48] = b"".join(DEFAULT_RTMRS[:3]) + bytes(48)  # type: ignore[call-overload]
+    state.reset_td(tuple(DEFAULT_RTMRS[:3]))
 
 
 @contextlib.contextmanager
@@ -240,9 +239,7 @@ def emulators(p: DemoPaths, state: MrState, quote: str) -> Iterator[None]:
     sim_dir = str(p.sim)
 
     def tsm_ops() -> TsmReportFs:
-        fs = TsmReportFs(sim_dir)
-        fs.source = LiveRtmrQuoteSource(state, sim_dir)  # type: ignore[assignment]  # same get_quote contract
-        return fs
+        return TsmReportFs(sim_dir, source=LiveRtmrQuoteSource(state, sim_dir))
 
     with contextlib.ExitStack() as stack:
         p.mr_mount.mkdir(parents=True, exist_ok=True)

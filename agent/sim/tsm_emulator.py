@@ -43,6 +43,7 @@ from typing import Any
 
 from fuse import FuseOSError, Operations
 
+from agent.evidence.base import QuoteSource
 from agent.log import get_logger
 from agent.sim.tsm_fuse import fuse_mounted, serve
 
@@ -153,11 +154,11 @@ class _Open:
 class TsmReportFs(Operations):
     """fusepy operations emulating ``/sys/kernel/config/tsm/report`` for a TDX guest."""
 
-    def __init__(self, state_dir: str, faults: TsmFaults | None = None) -> None:
+    def __init__(self, state_dir: str, faults: TsmFaults | None = None, source: QuoteSource | None = None) -> None:
         from agent.sim.quote_sim import SimulatedQuoteSource
 
         self.faults = faults or TsmFaults()
-        self.source = SimulatedQuoteSource(state_dir)
+        self.source: QuoteSource = source if source is not None else SimulatedQuoteSource(state_dir)
         self.entries: dict[str, _Entry] = {}
         self.files: dict[int, _Open] = {}
         self._lock = threading.Lock()  # entries, files, generation counters

@@ -43,6 +43,14 @@ class MrState:
         self._fail = RawValue(ctypes.c_int64, 0)
         self._extends = RawValue(ctypes.c_int64, 0)
 
+    def reset_td(self, rtmrs: tuple[bytes, ...]) -> None:
+        """A new TD: RTMRs as firmware and kernel leave them at launch (the only time a register is *set*)."""
+        if len(rtmrs) > 4 or any(len(r) != DIGEST_LEN for r in rtmrs):
+            raise ValueError("reset_td: up to four 48-byte register values")
+        values = b"".join(rtmrs) + bytes(DIGEST_LEN * (4 - len(rtmrs)))
+        with self._lock:
+            self._regs[:] = values  # type: ignore[call-overload]  # typeshed: c_char arrays take bytes slices
+
     @property
     def mr_td(self) -> bytes:
         return self._mrtd

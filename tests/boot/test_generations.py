@@ -127,8 +127,7 @@ def _zero_rtmr3(state: MrState) -> None:
     """A fresh TD per boot: RTMR0-2 as the simulated firmware/kernel measured them, RTMR3 zero."""
     from agent.sim.quote_sim import DEFAULT_RTMRS
 
-    with state._lock:
-        state._regs[0:4 * 48] = b"".join(DEFAULT_RTMRS[:3]) + bytes(48)  # type: ignore[call-overload]
+    state.reset_td(tuple(DEFAULT_RTMRS[:3]))
 
 
 @pytest.fixture
