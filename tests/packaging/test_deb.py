@@ -63,10 +63,8 @@ def test_private_tree_is_the_lock_and_runs(deb: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     site = root / "usr/lib/chutes-attest/lib/python3.11/site-packages"
-    installed = {
-        re.sub(r"[-_.]+", "-", d.name.rsplit("-", 1)[0]).lower(): d.name[: -len(".dist-info")].rsplit("-", 1)[1]
-        for d in site.glob("*.dist-info")
-    }
+    names = [d.name.removesuffix(".dist-info").rsplit("-", 1) for d in site.glob("*.dist-info")]
+    installed = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in names}
     pins = re.finditer(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", (REPO / "requirements/runtime.txt").read_text(), re.M)
     lock = {re.sub(r"[-_.]+", "-", m[1]).lower(): m[2] for m in pins}
     assert installed.pop("chutes-attest-agent")
