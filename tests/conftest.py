@@ -29,7 +29,8 @@ TIERS = ("unit", "integration", "vm")
 
 #: Commands each tier needs from the machine; scripts/test.sh (as root) installs all of them.
 INTEGRATION_COMMANDS = ("cryptsetup", "mkfs.ext4", "ip", "unshare", "nginx", "systemd-analyze", "swtpm",
-                        "swtpm_setup", "losetup", "blkid")
+                        "swtpm_setup", "losetup", "blkid", "mount", "chattr", "openssl", "debugfs",
+                        "dpkg-buildpackage", "lintian", "pesign")
 VM_COMMANDS = ("qemu-system-x86_64", "mkinitramfs", "mmdebstrap", "cryptsetup", "mkfs.ext4")
 
 
