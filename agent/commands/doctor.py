@@ -128,7 +128,7 @@ def check_gpus(cfg: AgentConfig) -> list[Check]:
 
 def check_cert(cfg: AgentConfig) -> Check:
     """Which identity report_data binds, and why: the boot hand-off leaf (1.4.0+) or the self-signed pair."""
-    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError, load_identity
+    from agent.evidence.service_identity import HandoffIdentityError, ServiceCertError, load_identity
 
     try:
         cert = load_identity(cfg.serve, create=False)

@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _collect(cfg: AgentConfig, nonce: bytes, gpu_ids: list[str] | None) -> dict:
+    from agent.evidence.collector import Collector
     from agent.evidence.gpu_sources import make_gpu_source
     from agent.evidence.quote_queue import QuoteQueue
+    from agent.evidence.service_identity import load_identity
     from agent.evidence.sources import make_quote_source
-    from agent.serve.collector import Collector
-    from agent.serve.service_cert import load_identity
 
     cert = load_identity(cfg.serve)  # the same identity serve binds (hand-off leaf on 1.4.0+)
     queue = QuoteQueue(make_quote_source(cfg), max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s)

@@ -14,7 +14,7 @@ reference answers (FastAPI + ORJSONResponse: compact separators, ``application/j
 - ``/devices?gpu_ids`` -> ``[DeviceInfo]``.
 
 ``nonce`` is trimmed and lower-cased, then must be exactly 64 hex characters (400 otherwise, with the
-reference's messages). ``gpu_ids`` follows the reference's filter (see :mod:`agent.serve.collector`):
+reference's messages). ``gpu_ids`` follows the reference's filter (see :mod:`agent.evidence.collector`):
 an id that is merely unknown is dropped, never a 400. Quotes are v4 only unless ``quote.allow_v5``: the
 validator reads v4 offsets, so a v5 quote is refused here (503) rather than failing there. Errors keep
 the ``{"detail": ...}`` body, with a 4xx status for bad input instead of the reference's blanket 500.
@@ -50,7 +50,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def _quote_b64(request: web.Request, nonce: bytes) -> str:
-    from agent.serve.collector import quote_version
+    from agent.evidence.collector import quote_version
 
     ctx = ctx_of(request)
     quote = await evidence_call(ctx.collector.quote(nonce, caller=peer_of(request).scope))

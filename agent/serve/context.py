@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import AgentConfig
-from agent.serve.collector import Collector
+from agent.evidence.collector import Collector
 from agent.serve.ratelimit import KeyedLimiter
 from agent.serve.rint import NonceStore
 

@@ -4,7 +4,7 @@ The chute socket (``/v1``) is strict: a nonce is exactly 64 hex characters as gi
 value that is not a GPU on this node is a 400. The compat socket answers as the newest reference
 attestation-service does (chutes-vm-generations.md §8): the nonce is trimmed and lower-cased before the
 64-hex check (with the reference's error texts), and ``gpu_ids`` is handed over raw for the reference's
-filter (:meth:`agent.serve.collector.Collector.compat_gpu_selection`).
+filter (:meth:`agent.evidence.collector.Collector.compat_gpu_selection`).
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.errors import UnavailableError
+from agent.evidence.collector import Collector
+from agent.evidence.service_identity import load_identity
 from agent.log import get_logger
 from agent.serve import app_chute, app_compat
-from agent.serve.collector import Collector
 from agent.serve.connections import ConnTracker
 from agent.serve.context import CTX_KEY, ServiceContext
 from agent.serve.errors import ApiError, chute_body, compat_body
 from agent.serve.middleware import make_middleware
 from agent.serve.peer import PeerResolver
-from agent.serve.service_cert import load_identity
 from agent.serve.sockets import BACKLOG, bind_unix
 from agent.serve.systemd_integration import Notifier, listen_sockets, watchdog_interval_s
 
@@ -324,8 +324,8 @@ class Service:
 async def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT; the CLI's exit code."""
     from agent.evidence.base import EvidenceError
+    from agent.evidence.service_identity import HandoffIdentityError, ServiceCertError
     from agent.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_VERIFY_FAILED
-    from agent.serve.service_cert import HandoffIdentityError, ServiceCertError
     from agent.serve.sockets import SocketSetupError
 
     svc = Service(cfg)

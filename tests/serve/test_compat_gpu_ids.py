@@ -87,7 +87,7 @@ async def test_dropped_ids_logged_at_debug() -> None:
     from structlog.testing import capture_logs
 
     from agent.config import AgentConfig
-    from agent.serve.collector import Collector
+    from agent.evidence.collector import Collector
 
     class Gpus:
         async def devices(self, ids):

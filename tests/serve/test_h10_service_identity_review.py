@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.serve.service_cert import HandoffIdentityError, load_handoff
+from agent.evidence.service_identity import HandoffIdentityError, load_handoff
 from tests.serve.certs_handoff import make_ca, make_leaf, rsa_key
 
 NOW = dt.datetime.now(dt.UTC)

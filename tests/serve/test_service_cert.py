@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.serve.service_cert import ServiceCertError, load_or_create
+from agent.evidence.service_identity import ServiceCertError, load_or_create
 
 
 def test_created_like_the_init_step_and_reused(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import ServeConfig
+from agent.evidence.service_identity import HANDOFF, SELF_SIGNED, HandoffIdentityError, load_identity
 from agent.quote import parse_quote
-from agent.serve.service_cert import HANDOFF, SELF_SIGNED, HandoffIdentityError, load_identity
 from tests.serve.certs_handoff import write_handoff
 from tests.serve.helpers import spki_sha256_of, unix_client
 

@@ -4,7 +4,9 @@ Rooms, lowest first: the foundation modules, ``quote``, ``evidence``, ``validato
 ``serve`` side by side, then the composition root (``cli`` + ``commands``). A module may import its own
 room or a lower one; ``boot`` and ``serve`` never import each other; ``agent.sim`` (simulation: emulated
 hardware, the faithful validator) is reached only from the composition root, so production code can never
-fall back to a simulation silently. Imports inside functions count too.
+fall back to a simulation silently; of the commands only ``agent.commands.boot`` and ``agent.commands.serve``
+reach into their rooms (what other commands share with serve, like the evidence collector and the service
+identity, lives in ``agent.evidence``). Imports inside functions count too.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def violations() -> list[str]:
                 out.append(f"{where} (boot and serve never import each other)")
             elif RANK[dst_room] > RANK[src_room]:
                 out.append(f"{where} ({src_room} may not import the higher room {dst_room})")
+            elif src_room == "commands" and dst_room in ("boot", "serve") and src != f"agent.commands.{dst_room}":
+                # A command that needs what serve or boot computes takes it from a lower room, not their internals.
+                out.append(f"{where} (only agent.commands.{dst_room} reaches into agent.{dst_room})")
     return out
 
 
@@ -97,11 +102,15 @@ def test_import_contract_holds() -> None:
     ("agent.serve.server", "agent.sim.quote_sim", False),
     ("agent.commands.demo", "agent.sim.demo", True),
     ("agent.config", "agent.boot.flow", False),
+    ("agent.commands.evidence", "agent.serve.collector", False),
+    ("agent.commands.serve", "agent.serve.server", True),
 ])
 def test_the_rules_themselves(src: str, dst: str, ok: bool) -> None:
     """The checker's own rules, so a broken checker cannot pass silently."""
     s, d = room(src), room(dst)
-    if d == "sim":
+    if s == "commands" and d in ("boot", "serve"):
+        allowed = src == f"agent.commands.{d}"
+    elif d == "sim":
         allowed = s in ("sim", "commands")
     elif s == "sim":
         allowed = True
