@@ -147,8 +147,16 @@ def settings_from_config(b: BootConfig, generation: str) -> StorageSettings:
     return StorageSettings(
         labels=(b.storage_label, b.tdx_cache_label), devices=devices, action=b.unlock_action,
         header_dir=b.header_dir, wait_s=b.device_wait_s, kdf=Kdf(b.format_pbkdf, b.format_pbkdf_iterations),
-        generation=generation, mkfs=b.storage_mkfs, kubeconfig_volume=b.storage_label,
+        generation=generation, mkfs=b.storage_mkfs, fstype=storage_fstype(b.storage_mkfs),
+        kubeconfig_volume=b.storage_label,
     )
+
+
+def storage_fstype(mkfs: str) -> str:
+    """The filesystem ``boot.storage_mkfs`` makes (``mkfs.ext4`` → ``ext4``), which the kubeconfig purge
+    mounts: a volume formatted with one tool must not be mounted as another type."""
+    name = os.path.basename(mkfs)
+    return name[len("mkfs."):] if name.startswith("mkfs.") and len(name) > len("mkfs.") else "xfs"
 
 
 # -- discovery ------------------------------------------------------------------------------------

@@ -417,6 +417,10 @@ def test_settings_from_config() -> None:
     s = storage.settings_from_config(cfg.boot, "1.3")
     assert (tuple(s.labels), dict(s.devices), s.action, s.generation, s.mkfs, s.kubeconfig_volume) == (
         ("storage", "tdx-cache"), {"tdx-cache": "/dev/vdc"}, "open", "1.3", "mkfs.xfs", "storage")
+    assert s.fstype == "xfs"
+    # the purge mounts what storage_mkfs made (an ext4-formatted volume mounted as xfs fails the boot)
+    cfg.boot.storage_mkfs = "/usr/sbin/mkfs.ext4"
+    assert storage.settings_from_config(cfg.boot, "1.4").fstype == "ext4"
     assert s.kdf.args() == ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "5000"]
     assert cfg.boot.root_confirm_failure == "poweroff"
     assert config.load(None, ["boot.root_confirm_failure=continue"], environ={}).boot.root_confirm_failure == "continue"
