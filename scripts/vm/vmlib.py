@@ -66,7 +66,19 @@ network:
       nameservers:
         addresses: [10.0.2.3]
 """
-BUSYBOX_APPLETS = ("sh", "cat", "mount", "stat", "poweroff", "echo", "awk", "sha256sum", "ls", "sleep")
+BUSYBOX_APPLETS = ("sh", "cat", "mount", "stat", "poweroff", "echo", "awk", "sha256sum", "ls", "sleep", "find",
+                   "sort", "tr")
+#: 1.4.0 runs: the validator's mTLS (cvm) and public API fronts, fixed like VALIDATOR_PORT (baked in).
+CVM_PORT = VALIDATOR_PORT + 1
+API_PORT = VALIDATOR_PORT + 2
+#: 1.4.0 runs: the miner seed on the config volume (RFC 8032 test 1 secret; sr25519-expanded by the agent).
+MINER_SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
+#: 1.4.0 runs: what the RTMR3 rootfs chain measures on the stage-1 root (busybox, its libraries, init).
+STAGE1_MEASURED = ("/sbin", "/usr")
+#: 1.4.0 runs: what the RTMR3 rootfs chain measures on the stage-2 (Debian) root.
+STAGE2_MEASURED = ("/etc",)
+#: In the 1.4.0 test initramfs: where guest_emulators.py mounts the configfs-tsm and RTMR emulators.
+EMU_BASE = "/run/tdx-emu"
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -244,18 +256,28 @@ def agent_toml_stage1(**boot: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-def initramfs(agent_toml: str, with_agent: bool = True) -> Path:
+def initramfs(
+    agent_toml: str, with_agent: bool = True, *, extra_files: dict[str, bytes] | None = None, emulators: bool = False
+) -> Path:
     """The test initramfs (``initrd.img`` in the returned dir): the built package installed into the Debian
     root, the hook enabled in its /etc/initramfs-tools/chutes-attest.conf, ``update-initramfs -c`` in that
     root (what an image builder does). The boot generation/protocol under test travels in ``agent_toml``
-    (see :func:`agent_toml_stage1`), so another generation is another cached image."""
+    (see :func:`agent_toml_stage1`, :func:`agent_toml_v14`), so another generation is another cached image.
+    ``extra_files`` (image path → bytes) are baked in too; ``emulators`` adds the test-only FUSE emulators
+    of configfs-tsm and the RTMR sysfs (tests/vm/guest_emulators.py, started from init-top).
+    The directory also holds ``tdx-attest.gid``: the group's gid in the root the image was built from."""
     sim, certs = sim_state(), tls()
     deb = package()
+    extra = sorted((extra_files or {}).items())
+    extra_key = json.dumps([(k, hashlib.sha256(v).hexdigest()) for k, v in extra])
+    emu_files = [EMULATOR_INIT_TOP, EMULATOR_INIT_BOTTOM, REPO / "tests/vm/guest_emulators.py", _fusepy(), _LIBFUSE]
+    emu_key = emu_files if emulators else []
     key = digest(agent_toml, sim, certs / "ca.pem", with_agent, deb.parent.name, debian_base().parent.name,
-                 kernel_version(), SOURCE_DATE_EPOCH)
+                 kernel_version(), SOURCE_DATE_EPOCH, extra_key, *emu_key)
 
     def build(out: Path) -> None:
-        build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work", deb=deb)
+        build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work", deb=deb,
+                        extra_files=dict(extra), emulators=emulators)
 
     return cached("initramfs" if with_agent else "initramfs-plain", key, build) / "initrd.img"
 
@@ -268,10 +290,12 @@ def build_initramfs(
     cwd: Path | None = None,
     epoch: int | None = None,
     deb: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    emulators: bool = False,
 ) -> None:
     """Uncached: install the package (``deb``, default :func:`package`) into a fresh root under ``work`` and
     build ``dest`` with update-initramfs there (``cwd``: the directory it runs from; ``epoch``:
-    SOURCE_DATE_EPOCH)."""
+    SOURCE_DATE_EPOCH; ``extra_files``/``emulators``: see :func:`initramfs`)."""
     tree = work / "root"
     installed_tree(tree, deb)
     try:
@@ -280,6 +304,12 @@ def build_initramfs(
         shutil.copytree(sim_state(), vm / "extra/etc/chutes-attest/sim")
         shutil.copy2(tls() / "ca.pem", vm / "extra/etc/chutes-attest/validator-ca.pem")
         (vm / "agent.toml").write_text(agent_toml)
+        for rel, data in (extra_files or {}).items():
+            f = vm / "extra" / rel.lstrip("/")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data)
+        if emulators:
+            _add_emulators(tree, vm / "extra")
         conf = tree / "etc/initramfs-tools/chutes-attest.conf"
         settings = {
             "CHUTES_ATTEST_INITRAMFS": "yes" if with_agent else "no",
@@ -296,6 +326,9 @@ def build_initramfs(
                     env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH if epoch is None else epoch)})
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree / "boot" / f"initrd.img-{kver}", dest)
+        groups = [ln.split(":") for ln in (tree / "etc/group").read_text().splitlines()]
+        gid = next((g[2] for g in groups if g[0] == "tdx-attest"), "")
+        (dest.parent / "tdx-attest.gid").write_text(gid)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -357,19 +390,26 @@ done
 echo "STAGE1-VMNAME: $(cat /run/chutes/vm-name 2>&1)"
 echo "STAGE1-HOTKEY: $(cat /run/chutes/hotkey 2>&1)"
 echo "STAGE1-BOOT-TOKEN-SHA256: $(sha256sum /run/chutes/boot-token 2>&1 | awk '{print $1}')"
+# the whole hand-off (1.4.0: CA, leaves, validator auth ...), the boot status, the opened volumes
+find /run/chutes | sort | while read -r f; do echo "STAGE1-FILE: $(stat -c '%n %F mode=%a uid=%u gid=%g' "$f")"; done
+echo "STAGE1-MAPPER: $(ls /dev/mapper | sort | tr '\\n' ' ')"
+[ -f /run/chutes/boot-status.json ] && echo "STAGE1-BOOT-STATUS: $(tr -d '\\n' < /run/chutes/boot-status.json)"
+for f in /run/chutes/proxy-tls/server.crt /run/chutes/vm-root-ca/ca.crt; do
+    [ -f "$f" ] && awk -v f="$f" '{print "STAGE1-PEM: " f " " $0}' "$f"
+done
 echo "STAGE1-DONE"
 poweroff -f
 """
 
 
-def luks_encrypt_offline(tree: Path, img: Path, passphrase: bytes, fs_mb: int) -> None:
+def luks_encrypt_offline(tree: Path, img: Path, passphrase: bytes, fs_mb: int, fs_label: str = "root") -> None:
     """ext4 from ``tree`` (mkfs.ext4 -d), then offline LUKS2 encryption in place (fast PBKDF: tests). The
     device shrinks by 32 MiB so that the data segment starts at 16 MiB, as on production images
     (``boot.luks_data_offset``)."""
     header_mb = 32
     with open(img, "wb") as fh:
         fh.truncate((fs_mb + header_mb) * 1024 * 1024)
-    _run(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(img), f"{fs_mb}M"])
+    _run(["mkfs.ext4", "-q", "-L", fs_label, "-d", str(tree), str(img), f"{fs_mb}M"])
     _run(
         [
             "cryptsetup",
@@ -408,12 +448,13 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 def root1() -> LuksDisk:
     """Stage-1 LUKS2 root disk (the cached passphrase file is test-harness state, mode 0600)."""
-    key = digest(STAGE1_INIT, BUSYBOX_APPLETS, Path("/usr/bin/busybox"), "v1")
+    key = digest(STAGE1_INIT, BUSYBOX_APPLETS, Path("/usr/bin/busybox"), STAGE1_MEASURED, "v2")
 
     def build(out: Path) -> None:
         marker = "root-marker-" + secrets.token_hex(8)
         passphrase = secrets.token_hex(32).encode()
         stage1_tree(out / "tree", marker)
+        _write_measurement(out / "tree", STAGE1_MEASURED, out)
         luks_encrypt_offline(out / "tree", out / "root.img", passphrase, fs_mb=16)
         shutil.rmtree(out / "tree")
         _write_secret(out / "passphrase", passphrase)
@@ -460,8 +501,10 @@ def cipher_null_copy(disk: LuksDisk, dest: Path) -> Path:
     return dest
 
 
-def config_volume(hostname: str = HOSTNAME, miner: str = MINER_SS58, network_yaml: str = NETWORK_YAML) -> Path:
-    """ext4 labelled tdx-config with the three files the host tooling writes."""
+def config_volume(
+    hostname: str = HOSTNAME, miner: str = MINER_SS58, network_yaml: str = NETWORK_YAML, seed: str | None = None
+) -> Path:
+    """ext4 labelled tdx-config with the three files the host tooling writes (+ ``miner-seed``: 1.4.0)."""
 
     def build(out: Path) -> None:
         tree = out / "tree"
@@ -469,13 +512,193 @@ def config_volume(hostname: str = HOSTNAME, miner: str = MINER_SS58, network_yam
         (tree / "hostname").write_text(hostname + "\n")
         (tree / "miner-ss58").write_text(miner + "\n")
         (tree / "network-config.yaml").write_text(network_yaml)
+        if seed is not None:
+            (tree / "miner-seed").write_text(seed + "\n")
         img = out / "config.img"
         with open(img, "wb") as fh:
             fh.truncate(8 * 1024 * 1024)
         _run(["mkfs.ext4", "-q", "-L", "tdx-config", "-d", str(tree), str(img)])
         shutil.rmtree(tree)
 
-    return cached("config", digest(hostname, miner, network_yaml), build, keep=3) / "config.img"
+    key = digest(hostname, miner, network_yaml, *([] if seed is None else ["seed", seed]))
+    return cached("config", key, build, keep=3) / "config.img"
+
+
+# ---------------------------------------------------------------------------------- 1.4.0 generation
+
+EMULATOR_INIT_TOP = f"""\
+#!/bin/sh
+# TEST IMAGE ONLY (scripts/vm/vmlib.py): FUSE emulators of configfs-tsm and the RTMR sysfs, which qemu TCG
+# lacks, mounted under {EMU_BASE} before the agent runs (tests/vm/guest_emulators.py).
+PREREQ=""
+prereqs() {{ echo "$PREREQ"; }}
+case "$1" in
+prereqs) prereqs; exit 0 ;;
+esac
+modprobe -q fuse || echo "VM-TEST-EMULATORS: fuse module missing" >/dev/console
+mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm
+PY="$(awk '$1 == "exec" {{print $2}}' /usr/bin/chutes-attest)"
+FUSE_LIBRARY_PATH=/usr/lib/chutes-vm-test/libfuse.so.2 "$PY" -I -S /usr/lib/chutes-vm-test/guest_emulators.py \\
+    {EMU_BASE} /etc/chutes-attest/sim </dev/null >/dev/console 2>&1 &
+i=0
+while [ "$i" -lt 1200 ]; do
+    grep -q " {EMU_BASE}/tsm-report " /proc/mounts && grep -q " {EMU_BASE}/measurements " /proc/mounts && break
+    sleep 0.1
+    i=$((i + 1))
+done
+echo "VM-TEST-EMULATORS: mounted after $i polls" >/dev/console
+exit 0
+"""
+#: ... and unmounted again before the switch to the real root (the agent is done by then; FUSE mounts
+#: carried into the booted system would only get in the way of systemd's mount namespaces).
+EMULATOR_INIT_BOTTOM = f"""\
+#!/bin/sh
+# TEST IMAGE ONLY (scripts/vm/vmlib.py): the emulators' job ends with the initramfs.
+PREREQ=""
+prereqs() {{ echo "$PREREQ"; }}
+case "$1" in
+prereqs) prereqs; exit 0 ;;
+esac
+umount {EMU_BASE}/tsm-report {EMU_BASE}/measurements 2>/dev/null
+exit 0
+"""
+_LIBFUSE = Path("/usr/lib/x86_64-linux-gnu/libfuse.so.2")
+
+
+def _fusepy() -> Path:
+    import fuse
+
+    return Path(fuse.__file__)
+
+
+def _add_emulators(tree: Path, extra: Path) -> None:
+    """Test image only: the emulator script, fusepy and libfuse in the image, its init-top script, fuse.ko."""
+    d = extra / "usr/lib/chutes-vm-test"
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "tests/vm/guest_emulators.py", d / "guest_emulators.py")
+    shutil.copy2(_fusepy(), d / "fuse.py")
+    shutil.copyfile(_LIBFUSE.resolve(), d / "libfuse.so.2")  # needs only libc, which the image has
+    for phase, text in (("init-top", EMULATOR_INIT_TOP), ("init-bottom", EMULATOR_INIT_BOTTOM)):
+        script = tree / "etc/initramfs-tools/scripts" / phase / "chutes-vm-test-emulators"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(text)
+        script.chmod(0o755)
+    with open(tree / "etc/initramfs-tools/modules", "a") as fh:
+        fh.write("fuse\n")
+
+
+def _write_measurement(tree: Path, paths: tuple[str, ...], out: Path) -> None:
+    """What an image build registers for the RTMR3 rootfs chain: the measured path list, the expected-hash
+    manifest and the final RTMR3 (``chutes-attest rtmr3 predict``'s computation)."""
+    from agent.evidence.rootfs_measure import format_manifest, predict_entries
+
+    result = predict_entries(str(tree), [p.encode() for p in paths])
+    (out / "tdx-measure.conf").write_text("".join(p + "\n" for p in paths))
+    (out / "tdx-rtmr3-expected-hashes").write_bytes(format_manifest(result.entries))
+    (out / "rtmr3").write_text(result.rtmr3.hex())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A root's RTMR3 registration: files baked into the initramfs and the value the validator expects."""
+
+    measure_conf: bytes
+    manifest: bytes
+    rtmr3: str
+
+    @classmethod
+    def of(cls, disk: LuksDisk) -> Measurement:
+        d = disk.image.parent
+        return cls((d / "tdx-measure.conf").read_bytes(), (d / "tdx-rtmr3-expected-hashes").read_bytes(),
+                   (d / "rtmr3").read_text())
+
+
+def signing_root():
+    """The validator's simulated root signing key, fixed (its public half is baked into the initramfs)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.sim.validator_signing import SigningRoot
+
+    def build(out: Path) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(65537, 2048)
+        _write_secret(out / "root-signing.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    d = cached("signing-root", digest("v1", builder=False), build, keep=1)
+    return SigningRoot(key=serialization.load_pem_private_key((d / "root-signing.key").read_bytes(), None))
+
+
+def miner_ss58_v14() -> str:
+    """The hotkey the agent derives from MINER_SEED (what miner-ss58 says next to it)."""
+    from agent.validator.proof import Hotkey
+
+    return Hotkey.from_seed_hex(MINER_SEED).ss58
+
+
+def agent_toml_v14() -> str:
+    """The 1.4.0 test initramfs config: ``boot.protocol = "auto"`` against the cvm/api fronts, quotes and
+    RTMR3 through the production configfs-tsm / sysfs code on the emulators (:data:`EMULATOR_INIT_TOP`)."""
+    boot = {
+        "tdx_base_url": f"https://10.0.2.2:{CVM_PORT}",
+        "validator_base_url": f"https://10.0.2.2:{API_PORT}",
+        "protocol": "auto",
+        "ca_bundle": "/etc/chutes-attest/validator-ca.pem",
+        "network": "static",
+        "root_device": "/dev/vda",
+        "root_mapper": "root",
+        "cache_enabled": False,
+        "max_attempts": 3,
+        "total_timeout_s": 240.0,
+        "request_timeout_s": 60.0,
+        "backoff_s": 1.0,
+        "backoff_max_s": 2.0,
+        "device_wait_s": 20.0,
+        "poweroff": True,
+        "storage_mkfs": "mkfs.ext4",
+        "format_pbkdf": "pbkdf2",
+        "format_pbkdf_iterations": 1000,
+    }
+    lines = ["[log]", 'level = "info"', 'format = "json"', "", "[quote]", 'source = "configfs"',
+             f'configfs_root = "{EMU_BASE}/tsm-report"', "", "[rtmr]",
+             f'sysfs_path = "{EMU_BASE}/measurements/rtmr3:sha384"', "", "[gpu]", "enabled = false", "", "[boot]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in boot.items()]
+    return "\n".join(lines) + "\n"
+
+
+def initramfs_v14(measurement: Measurement) -> Path:
+    """The 1.4.0 test initramfs for a root with ``measurement`` (measure conf + manifest baked at the
+    reference's paths, the validator's root signing key at /etc/chutes/root-signing-key.pem)."""
+    return initramfs(agent_toml_v14(), emulators=True, extra_files={
+        "/etc/tdx-measure.conf": measurement.measure_conf,
+        "/etc/tdx-rtmr3-expected-hashes": measurement.manifest,
+        "/etc/chutes/root-signing-key.pem": signing_root().public_pem,
+    })
+
+
+def writable_root(disk: LuksDisk, dest: Path, first_boot_version: str = "1.4.0") -> Path:
+    """A per-test copy of a cached root that the VM may write (rotation), with the first-boot token 15."""
+    from agent.sim.luks_image import add_first_boot_token
+
+    _run(["cp", "--sparse=always", str(disk.image), str(dest)])
+    add_first_boot_token(str(dest), first_boot_version)
+    return dest
+
+
+def storage_disk(label: str, dest: Path, passphrase: bytes, files: dict[str, bytes] | None = None) -> Path:
+    """A real LUKS2 data volume labelled ``label`` (ext4 inside, also labelled), made offline like the roots."""
+    tree = dest.parent / f".{dest.name}.tree"
+    tree.mkdir()
+    for rel, data in (files or {}).items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    try:
+        luks_encrypt_offline(tree, dest, passphrase, fs_mb=8, fs_label=label)
+    finally:
+        shutil.rmtree(tree)
+    _run(["cryptsetup", "config", "--label", label, str(dest)])
+    return dest
 
 
 # ------------------------------------------------------------------------------------------- stage 2
@@ -654,7 +877,8 @@ def root2() -> LuksDisk:
         json.dumps(_unit_workarounds((REPO / "systemd/chutes-attest.service").read_text())),
         E2E_UNIT,
         agent_toml_stage2(),
-        "v1",
+        STAGE2_MEASURED,
+        "v2",
     )
 
     def build(out: Path) -> None:
@@ -662,6 +886,7 @@ def root2() -> LuksDisk:
         stage2_tree(tree, deb)
         marker = "root2-marker-" + secrets.token_hex(8)
         (tree / "marker").write_text(marker + "\n")
+        _write_measurement(tree, STAGE2_MEASURED, out)
         used_mb = int(_run(["du", "-sm", str(tree)], capture_output=True, text=True).stdout.split()[0])
         passphrase = secrets.token_hex(32).encode()
         luks_encrypt_offline(tree, out / "root.img", passphrase, fs_mb=int(used_mb * 1.3) + 128)
@@ -685,10 +910,13 @@ class VmResult:
 
 
 def qemu_argv(
-    initrd: Path, disks: Iterable[Path], console_log: Path, append: str = "", memory_mb: int = 1024
+    initrd: Path, disks: Iterable[Path], console_log: Path, append: str = "", memory_mb: int = 1024,
+    writable: Iterable[Path] = (),
 ) -> list[str]:
     """TCG (no KVM), one vCPU, no default devices; serial console to a file; virtio disks (snapshot=on,
-    the cached images are never written) and virtio-net on slirp (the host's loopback is 10.0.2.2)."""
+    the cached images are never written, except per-test copies listed in ``writable``: the guest's writes
+    land there, so the test can inspect the disk afterwards) and virtio-net on slirp (the host's loopback
+    is 10.0.2.2)."""
     kver = kernel_version()
     cmdline = f"console=ttyS0,115200 root=/dev/mapper/root ro panic=-1 {append}".strip()
     argv = [
@@ -723,8 +951,9 @@ def qemu_argv(
         "-device",
         "virtio-rng-pci,rng=rng0",
     ]
+    rw = {Path(w) for w in writable}
     for d in disks:
-        argv += ["-drive", f"file={d},if=virtio,format=raw,snapshot=on"]
+        argv += ["-drive", f"file={d},if=virtio,format=raw,snapshot={'off' if Path(d) in rw else 'on'}"]
     return _nice(argv)
 
 
@@ -735,11 +964,12 @@ async def run_vm_async(
     append: str = "",
     timeout_s: float = 600,
     memory_mb: int = 1024,
+    writable: Iterable[Path] = (),
 ) -> VmResult:
     """As :func:`run_vm`, without blocking the event loop (the faithful validator runs in-process)."""
     import asyncio
 
-    argv = qemu_argv(initrd, disks, console_log, append, memory_mb)
+    argv = qemu_argv(initrd, disks, console_log, append, memory_mb, writable)
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -772,15 +1002,22 @@ def run_vm(
 
 
 @contextlib.asynccontextmanager
-async def faithful_validator(state_dir: Path):
+async def faithful_validator(state_dir: Path, generation: str = "1.2", runtime_rtmr3: str | None = None):
     """The faithful validator (nginx TLS terminator + app) on VALIDATOR_PORT with the cached server
-    certificate (SAN 10.0.2.2) that the CA bundle baked into the initramfs trusts."""
+    certificate (SAN 10.0.2.2) that the CA bundle baked into the initramfs trusts. ``generation="1.4"``:
+    the cvm and api fronts on CVM_PORT/API_PORT, the baked signing root, no removed legacy calls, and
+    ``runtime_rtmr3`` (96 hex) as the RTMR3 provision quotes must carry."""
     from agent.sim import validator_nginx
     from agent.sim.quote_sim import load_or_create_sim_pki
     from agent.sim.validator import FaithfulValidator
 
     root_ca = load_or_create_sim_pki(sim_state()).root_ca_pem
-    v = FaithfulValidator(state_dir, root_ca_pem=root_ca, port=VALIDATOR_PORT)
+    if generation == "1.2":
+        v = FaithfulValidator(state_dir, root_ca_pem=root_ca, port=VALIDATOR_PORT)
+    else:
+        v = FaithfulValidator(state_dir, root_ca_pem=root_ca, port=VALIDATOR_PORT, generation=generation,
+                              runtime_rtmr3=runtime_rtmr3, legacy_luks=False, cvm_port=CVM_PORT,
+                              api_port=API_PORT, signing_root=signing_root())
     certs = tls()
     v.tls = validator_nginx.TlsFiles(certs / "ca.pem", certs / "server.pem", certs / "server.key")
     await v.start()

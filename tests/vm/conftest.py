@@ -90,11 +90,13 @@ async def validator(tmp_path: Path) -> AsyncIterator[object]:
 
 
 async def boot_vm(
-    tmp_path: Path, initrd: Path, disks: list[Path], name: str, timeout_s: float = 420, append: str = ""
+    tmp_path: Path, initrd: Path, disks: list[Path], name: str, timeout_s: float = 420, append: str = "",
+    writable: list[Path] | None = None,
 ) -> Console:
-    """Boot, wait for power-off, keep a copy of the console under .cache/vm/logs/ for inspection."""
+    """Boot, wait for power-off, keep a copy of the console under .cache/vm/logs/ for inspection.
+    ``writable``: per-test disk copies the guest writes through to (the others are snapshots)."""
     log = tmp_path / f"{name}.console.log"
-    res = await vmlib.run_vm_async(initrd, disks, log, append=append, timeout_s=timeout_s)
+    res = await vmlib.run_vm_async(initrd, disks, log, append=append, timeout_s=timeout_s, writable=writable or ())
     keep = REPO / ".cache" / "vm" / "logs"
     keep.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(log, keep / log.name) if log.exists() else None
