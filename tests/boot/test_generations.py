@@ -13,7 +13,7 @@ import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,10 +26,12 @@ from agent.config import AgentConfig
 from agent.evidence.rootfs_measure import format_manifest, predict_entries
 from agent.log import Secret
 from agent.sim.luks_image import make_ext4_image, make_luks_image
-from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, MrState, mounted_measurements
 from agent.sim.validator import FaithfulValidator, Fault
 from agent.validator.proof import Hotkey
 from tests.boot.conftest import ProcScanner
+
+if TYPE_CHECKING:  # the FUSE emulator needs fusepy + libfuse: imported where a test runs, not at collection
+    from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, MrState
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,8 @@ NETPLAN = "network:\n  ethernets:\n    enp0s2:\n      addresses: [10.20.30.40/24
 
 @pytest.fixture(scope="module")
 def mr() -> Iterator[tuple[str, MrState]]:
+    from agent.sim.tsm_mr_emulator import mounted_measurements
+
     with mounted_measurements() as (mnt, state):
         yield mnt, state
 
@@ -137,6 +141,8 @@ def make_rig(tmp_path: Path, mr: tuple[str, MrState]) -> Any:
     async def factory(gen: str, *, with_seed: bool | None = None) -> GenRig:
         mnt, state = mr
         root, conf, manifest, rtmr3 = _rootfs(tmp_path)
+        from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource
+
         source = LiveRtmrQuoteSource(state, str(tmp_path / "sim"))
         v = FaithfulValidator(tmp_path / "validator", root_ca_pem=source.root_ca_pem, generation=gen,
                               runtime_rtmr3=rtmr3, legacy_luks=False)

@@ -13,21 +13,25 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from agent.evidence import sources
 from agent.evidence.rtmr3_runtime import RUNTIME_RTMR3, RuntimeEventError
 from agent.quote import parse_quote
-from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, MrState, mounted_measurements
 from tests.serve.helpers import unix_client
+
+if TYPE_CHECKING:  # the FUSE emulator needs fusepy + libfuse: imported where a test runs, not at collection
+    from agent.sim.tsm_mr_emulator import MrState
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def registers(monkeypatch: pytest.MonkeyPatch, sim_dir: Path) -> Iterator[tuple[str, MrState]]:
+    from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, mounted_measurements
+
     with mounted_measurements() as (mnt, state):
         monkeypatch.setattr(sources, "make_quote_source", lambda cfg: LiveRtmrQuoteSource(state, str(sim_dir)))
         yield os.path.join(mnt, "rtmr3:sha384"), state
