@@ -313,7 +313,9 @@ async def vm_tls(run: Run) -> None:
                 with st.waiting("keygen"):
                     keys = (await asyncio.wrap_future(run.leaf_keys[0]), await asyncio.wrap_future(run.leaf_keys[1]))
             leaves = await asyncio.to_thread(vm_ca.sign_leaves, run.identity, b.handoff_dir, gid, leaf_keys=keys)
-            removed = await asyncio.to_thread(vm_ca.delete_ca_key, os.path.join(b.handoff_dir, vm_ca.CA_SUBDIR))
+            ca_dir = os.path.join(b.handoff_dir, vm_ca.CA_SUBDIR)
+            removed = await asyncio.to_thread(vm_ca.delete_ca_key, ca_dir)
+            await asyncio.to_thread(vm_ca.share_ca_dir, ca_dir, gid, owner_uid=os.getuid())
         except (OSError, vm_ca.VMCAError) as exc:
             raise BootFailure("vm_tls", str(exc), marker=M_TLS) from None
         st.detail = f"proxy + registry leaves, removed {', '.join(removed) or 'nothing'}"

@@ -266,6 +266,22 @@ def delete_ca_key(directory: str | os.PathLike[str] = CA_DIR) -> list[str]:
     return removed
 
 
+def share_ca_dir(directory: str | os.PathLike[str], tdx_attest_gid: int, *, owner_uid: int = 0) -> None:
+    """After :func:`delete_ca_key`: ``vm-root-ca/`` 0750 ``owner_uid:tdx_attest_gid``, like ``proxy-tls/``.
+
+    Why: the runtime service (an unprivileged member of ``tdx-attest``, issue 14) checks its hand-off leaf
+    against ``ca.crt`` before it serves, and the reference's 0700 root directory would refuse it that read
+    (found by the VM suite: the service never became ready). Only once ``ca.key`` and ``ca.srl`` are gone
+    (else :class:`VMCAError`): the directory then holds the public certificate alone, and no other
+    user gains anything.
+    """
+    d = Path(directory)
+    left = [n for n in ("ca.key", "ca.srl") if os.path.lexists(d / n)]
+    if left:
+        raise VMCAError(f"{d}: {', '.join(left)} still present; the CA directory is not shared while it holds a key")
+    _ensure_dir(d, 0o750, owner_uid, tdx_attest_gid)
+
+
 def remove_ca(directory: str | os.PathLike[str] = CA_DIR) -> list[str]:
     """Premount failure: remove every CA file (key, serial, certificate), as fetch_key_and_unlock does."""
     removed = delete_ca_key(directory)

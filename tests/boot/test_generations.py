@@ -233,7 +233,9 @@ async def test_14_boot_rotates_provisions_and_hands_off(rigs: Any) -> None:
         assert key is not None and cs.test_key(getattr(rig.cfg.boot, f"{label.replace('-', '_')}_device"), key)
     # hand-off files and modes (reference §7)
     assert not (run / "vm-root-ca" / "ca.key").exists() and _mode(ca_crt) == 0o644
-    assert _mode(run / "vm-root-ca") == 0o700
+    # 0750 root:tdx-attest once ca.key is gone: the service (a tdx-attest member) checks its leaf against ca.crt
+    assert _mode(run / "vm-root-ca") == 0o750
+    assert (run / "vm-root-ca").stat().st_gid == grp.getgrnam(rig.cfg.boot.proxy_tls_group).gr_gid
     assert _mode(run / "proxy-tls" / "server.key") == 0o640 and _mode(run / "proxy-tls") == 0o750
     assert _mode(run / "registry-tls" / "client.key") == 0o600 and _mode(run / "registry-tls" / "client.crt") == 0o644
     assert (run / "vm-name").read_text() == rig.vm + "\n" and (run / "hotkey").read_text() == rig.hotkey + "\n"

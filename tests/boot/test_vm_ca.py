@@ -107,6 +107,19 @@ def test_delete_ca_key_overwrites_removes_and_is_idempotent(ca: ClientIdentity, 
     assert vm_ca.delete_ca_key(tmp_path / "never-created") == []
 
 
+def test_share_ca_dir_only_without_key(ca: ClientIdentity, tmp_path: Path) -> None:
+    """The service (tdx-attest member) must read ca.crt after the hand-off; never while ca.key exists."""
+    d = tmp_path / "vm-root-ca"
+    vm_ca.write_ca(ca, d)
+    gid = os.getgid()
+    with pytest.raises(vm_ca.VMCAError, match=r"ca\.key still present"):
+        vm_ca.share_ca_dir(d, gid, owner_uid=os.getuid())
+    assert _mode(d) == 0o700
+    vm_ca.delete_ca_key(d)
+    vm_ca.share_ca_dir(d, gid, owner_uid=os.getuid())
+    assert _mode(d) == 0o750 and os.stat(d).st_gid == gid and _mode(d / "ca.crt") == 0o644
+
+
 def test_remove_ca_removes_every_ca_file(ca: ClientIdentity, tmp_path: Path) -> None:
     d = tmp_path / "vm-root-ca"
     vm_ca.write_ca(ca, d)

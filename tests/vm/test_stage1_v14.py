@@ -143,7 +143,7 @@ async def test_v14_boot_rotates_root_provisions_storage_and_hands_off(tmp_path: 
             f"{run}/vm-name": 0o600, f"{run}/hotkey": 0o600, f"{run}/luks-quote-nonce": 0o600,
             f"{run}/validator-ss58": 0o600, f"{run}/validator-auth.env": 0o600,
             f"{run}/k3s-encryption-config.yaml": 0o600,
-            f"{run}/vm-root-ca": 0o700, f"{run}/vm-root-ca/ca.crt": 0o644,
+            f"{run}/vm-root-ca": 0o750, f"{run}/vm-root-ca/ca.crt": 0o644,
             f"{run}/proxy-tls": 0o750, f"{run}/proxy-tls/server.crt": 0o640, f"{run}/proxy-tls/server.key": 0o640,
             f"{run}/registry-tls": 0o700, f"{run}/registry-tls/client.crt": 0o644,
             f"{run}/registry-tls/client.key": 0o600,
@@ -152,7 +152,7 @@ async def test_v14_boot_rotates_root_provisions_storage_and_hands_off(tmp_path: 
         assert {p: oct(x) for p, x in got.items()} == {p: oct(x) for p, x in want.items()}
         assert all(f["uid"] == 0 for f in files.values()), files
         assert gid > 0
-        for p in ("proxy-tls", "proxy-tls/server.crt", "proxy-tls/server.key"):
+        for p in ("proxy-tls", "proxy-tls/server.crt", "proxy-tls/server.key", "vm-root-ca"):
             assert files[f"{run}/{p}"]["gid"] == gid, (p, files[f"{run}/{p}"], gid)
         for gone in ("vm-root-ca/ca.key", "vm-root-ca/ca.srl", "cert-hash", "miner-seed", "boot-token"):
             assert f"{run}/{gone}" not in files, gone  # CA key deleted before pivot_root; seed after last call
