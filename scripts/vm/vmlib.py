@@ -835,7 +835,8 @@ def _unit_workarounds(unit_text: str) -> dict[str, str]:
         out["50-vm-test-optional-tsm.conf"] = (
             "[Service]\nReadWritePaths=\nReadWritePaths=-/sys/kernel/config/tsm/report\n"
         )
-    cert_code = (REPO / "agent/serve/service_cert.py").read_text()
+    cert_code = "".join(p.read_text() for p in (REPO / "agent").rglob("*.py") if p.name in (
+        "service_cert.py", "service_identity.py"))  # where the self-signed certificate is made (moved once)
     if "if_nameindex" in cert_code and "AF_NETLINK" not in unit_text:
         # socket.if_nameindex() opens a netlink socket: EAFNOSUPPORT under RestrictAddressFamilies when the
         # service creates its certificate on first start.

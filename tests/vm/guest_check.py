@@ -19,7 +19,10 @@ import time
 
 COMPAT = "/run/attestation-service/attestation.sock"
 CHUTE = "/run/chutes-attest/chutes.sock"
-CERT = "/etc/attestation-service/certs/server.crt"
+SELF_SIGNED = "/etc/attestation-service/certs/server.crt"
+#: 1.4.0 boot hand-off: the CA-signed proxy leaf is the service identity when present (≤1.3: self-signed)
+HANDOFF_LEAF = "/run/chutes/proxy-tls/server.crt"
+CERT = HANDOFF_LEAF if os.path.exists(HANDOFF_LEAF) else SELF_SIGNED
 SIM_STATE = "/var/lib/chutes-attest/sim"
 
 
@@ -125,6 +128,8 @@ def main() -> int:
     status, body = get(COMPAT, f"/attest?nonce={nonce.hex()}")
     if status == 200 and isinstance(body, dict) and "tdx_quote" in body:
         check_quote("compat_attest", body["tdx_quote"], nonce)
+        # for the validator-side check on the host: what the validator's API client receives
+        print(f"STAGE2-ATTEST: {json.dumps({'nonce': nonce.hex(), 'tdx_quote': body['tdx_quote']})}", flush=True)
     else:
         emit("compat_attest", False, status=status, body=body)
 
@@ -154,6 +159,20 @@ def main() -> int:
         quote_source=body.get("quote_source") if isinstance(body, dict) else None,
         boot_outcome=boot.get("outcome") if isinstance(boot, dict) else boot,
     )
+
+    if CERT == HANDOFF_LEAF:
+        with open(HANDOFF_LEAF) as fh:
+            for line in fh.read().splitlines():
+                print(f"STAGE2-LEAF-PEM: {line}", flush=True)
+        st = os.stat("/run/chutes/proxy-tls/server.key")
+        emit(
+            "handoff_identity",
+            not os.path.exists(SELF_SIGNED) and (st.st_mode & 0o777) == 0o640,
+            cert=CERT,
+            self_signed_created=os.path.exists(SELF_SIGNED),
+            key_mode=oct(st.st_mode & 0o777),
+            key_gid=st.st_gid,
+        )
 
     svc = systemctl_show(
         "chutes-attest.service",
