@@ -19,6 +19,7 @@ import asyncio
 import base64
 import concurrent.futures
 import ctypes
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ T = TypeVar("T")
 ARCHITECTURES = {9: "HOPPER", 10: "BLACKWELL"}
 NONCE_LEN = 32
 MAX_INFLIGHT_CALLS = 64  # NVML calls running at once (stuck ones included) before new ones are refused
+_Job = tuple[concurrent.futures.Future[Any], str, Callable[..., Any], tuple[Any, ...]]  # future, what, fn, args
+WORKER_IDLE_S = 30.0  # an NVML worker thread with no call for this long exits
 _ENVIRONMENTS = {0: "unavailable", 1: "simulation", 2: "production"}
 _MULTI_GPU = {0: "none", 1: "protected_pcie", 2: "nvle"}
 
@@ -102,6 +105,8 @@ class NvmlGpuSource:
         self._init_lock = threading.Lock()
         self._inflight_lock = threading.Lock()
         self._inflight = 0
+        self._idle_workers = 0  # workers waiting for a call and not yet spoken for
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._initialized = False
         self._chains: dict[str, bytes] = {}
         self._verify_root_pem = verify_root_pem
@@ -116,30 +121,60 @@ class NvmlGpuSource:
             raise _explain(exc, what) from None
 
     def _spawn(self, what: str, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-        """Run one NVML call on its own daemon thread.
+        """Run one NVML call on a daemon worker thread: an idle one if there is one, else a new one.
 
-        Not a pool: a call stuck inside the driver can neither be cancelled nor joined, so it must
-        not hold a pool slot forever or block interpreter exit. Stuck calls are capped instead.
+        Not a fixed-size pool: a call stuck inside the driver can neither be cancelled nor joined, so
+        it keeps its thread (never a slot others wait for) and the next call gets another thread; stuck
+        calls are capped instead. Idle workers are reused (``Thread.start`` blocks the caller, the event
+        loop, until the new thread runs: it was the largest share of the service's loop time under load)
+        and exit after :data:`WORKER_IDLE_S` without work.
         """
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._inflight_lock:
             if self._inflight >= MAX_INFLIGHT_CALLS:
                 raise GpuTimeoutError(f"{what}: {self._inflight} NVML calls are still stuck; refusing new ones")
             self._inflight += 1
+            reuse = self._idle_workers > 0
+            if reuse:
+                self._idle_workers -= 1  # that worker is spoken for: it takes a job from the queue
 
-        def target() -> None:
-            try:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(self._guarded(what, fn, *args))
-                    except BaseException as exc:
-                        fut.set_exception(exc)
-            finally:
-                with self._inflight_lock:
-                    self._inflight -= 1
-
-        threading.Thread(target=target, name="nvml-call", daemon=True).start()
+        self._jobs.put((fut, what, fn, args))
+        if not reuse:
+            threading.Thread(target=self._worker, name="nvml-call", daemon=True).start()
         return fut
+
+    def _worker(self) -> None:
+        """Run queued calls; exit once idle for WORKER_IDLE_S and not spoken for by a waiting call.
+
+        Invariant: jobs in the queue + ``_idle_workers`` == workers waiting on the queue, so every
+        queued job has a worker and a worker that leaves takes no job with it.
+        """
+        while True:
+            try:
+                fut, what, fn, args = self._jobs.get(timeout=WORKER_IDLE_S)
+            except queue.Empty:
+                with self._inflight_lock:
+                    if self._idle_workers > 0:
+                        self._idle_workers -= 1
+                        return
+                continue  # spoken for: its call is on the way
+            ok = fut.set_running_or_notify_cancel()
+            result: Any = None
+            error: BaseException | None = None
+            if ok:
+                try:
+                    result = self._guarded(what, fn, *args)
+                except BaseException as exc:
+                    error = exc
+            with self._inflight_lock:  # idle before the caller hears back, so its next call finds this worker
+                self._inflight -= 1
+                self._idle_workers += 1
+            if ok:
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+            del fut, fn, args, result, error
 
     def _call_sync(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         fut = self._spawn(what, fn, *args)

@@ -35,6 +35,9 @@ from agent.serve.peer import UNKNOWN, Peer, PeerResolver
 
 log = get_logger(__name__)
 
+#: A caller's refused connections are logged at most once per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL_S = 1.0
+
 
 @dataclass(slots=True)
 class ConnState:
@@ -98,6 +101,7 @@ class ConnTracker:
         self.header_timeout_s = header_timeout_s
         self.states: dict[Any, ConnState] = {}
         self.refused = 0
+        self._refusal_log: dict[str, list[float]] = {}  # scope -> [loop time logged, refused since]
         self.timed_out = 0
         self.bad_http = 0
         self.accepted = 0
@@ -308,15 +312,31 @@ class ConnTracker:
             why = "remaining connections are reserved for callers holding none"
         if why:
             self.refused += 1
-            log.warning("serve.connection_refused", socket=self.name, reason=why, limit=cap, held=held,
-                        peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope)
             transport.close()
+            self._log_refusal(peer, why, cap, held)
             return False
         self._scopes[peer.scope] = held + 1
         self.states[transport] = ConnState(peer=peer, since=self._loop.time())
         self.accepted += 1
         self._schedule()
         return True
+
+    def _log_refusal(self, peer: Peer, why: str, cap: int, held: int) -> None:
+        """One ``serve.connection_refused`` event per caller per :data:`REFUSAL_LOG_INTERVAL_S`, carrying
+        how many were refused since the last one: a caller retrying thousands of connections a second
+        must not buy a log line (JSON rendering and a write, the costliest part of a refusal) with each."""
+        assert self._loop is not None
+        now = self._loop.time()
+        last = self._refusal_log.get(peer.scope)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL_S:
+            last[1] += 1
+            return
+        suppressed = int(last[1]) if last is not None else 0
+        if len(self._refusal_log) >= self._max_scopes:
+            self._refusal_log.clear()
+        self._refusal_log[peer.scope] = [now, 0]
+        log.warning("serve.connection_refused", socket=self.name, reason=why, limit=cap, held=held,
+                    peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope, refused_since_last=suppressed)
 
     def data(self, transport: Any) -> None:
         st = self.states.get(transport)

@@ -325,3 +325,38 @@ def test_real_nvml_is_the_default():
         assert pynvml.nvmlLib is before  # nothing installed behind pynvml
     finally:
         src.close()
+
+
+# -- worker threads ----------------------------------------------------------------------------------------
+
+async def test_nvml_workers_are_reused(fake_nvml, make_source, monkeypatch):
+    """Starting a thread blocks the event loop until it runs; idle workers take the next calls instead."""
+    import threading
+
+    starts: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        starts.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    fake_nvml(1)
+    src = make_source()
+    for _ in range(8):
+        entries = await src.evidence(os.urandom(32))
+        assert len(entries) == 1 and entries[0]["arch"] == "HOPPER"
+    # 8 evidence calls are ~40 NVML calls, one after another: one worker serves them all
+    assert starts.count("nvml-call") == 1
+
+
+async def test_hung_call_keeps_its_thread_and_others_go_on(fake_nvml, make_source):
+    """A call stuck in the driver holds its own worker; the next calls get another one and succeed."""
+    fake = fake_nvml(1, faults={REPORT: HANG})
+    src = make_source(call_timeout_s=0.2)
+    with pytest.raises(GpuTimeoutError, match="attestation report: no answer"):
+        await src.evidence(os.urandom(32))
+    fake.lib.faults.clear()
+    entries = await src.evidence(os.urandom(32))
+    assert len(base64.b64decode(entries[0]["evidence"])) > 32
+    assert src._inflight == 1  # the hung call, still counted against MAX_INFLIGHT_CALLS
