@@ -18,7 +18,11 @@ interrupted build never poisons the cache. Artifacts:
   the test's agent.toml and e2e check unit, as a LUKS2 disk.
 
 A new boot generation/protocol is one more ``agent_toml_stage1(**boot)`` (its [boot] keys) handed to
-:func:`initramfs`: each configuration is its own cached image.
+:func:`initramfs`: each configuration is its own cached image. Generation 1.4.0: :func:`initramfs_v14` (the
+validator's cvm/api fronts on CVM_PORT/API_PORT, the root's RTMR3 registration (:class:`Measurement`, made
+with each root) and the signing root baked in, FUSE configfs-tsm + RTMR emulators started from a test-only
+init-top script), ``config_volume(seed=MINER_SEED)``, :func:`writable_root` (token 15, a copy the guest
+writes), :func:`storage_disk` (LUKS2 ``storage``/``tdx-cache``), ``faithful_validator(generation="1.4")``.
 
 Command line: ``python scripts/vm/vmlib.py build`` builds (or finds) everything and prints the paths.
 """
