@@ -3,6 +3,8 @@
 aiohttp's protocol factory is wrapped by a thin :class:`asyncio.Protocol` proxy, so every accepted
 connection is seen before aiohttp parses a byte of it: the caller is identified once and cached in
 :class:`ConnState` (looked up per request by transport), and connections beyond the caps are closed at once.
+The service decides even earlier, on the raw accepted socket (:meth:`ConnTracker.admit`, called by
+:mod:`agent.serve.acceptor`), so a refused connection never gets a transport, protocol or aiohttp handler.
 
 Caps (a hostile container must not lock its neighbours out): ``max_connections`` per socket;
 ``max_per_caller`` per caller scope; ``max_unidentified`` for the one scope shared by every caller that
@@ -101,6 +103,8 @@ class ConnTracker:
         self.header_timeout_s = header_timeout_s
         self.states: dict[Any, ConnState] = {}
         self.refused = 0
+        #: Connections admitted by :meth:`admit` whose transport is not made yet (they hold their slot).
+        self._admitting = 0
         self._refusal_log: dict[str, list[float]] = {}  # scope -> [loop time logged, refused since]
         self.timed_out = 0
         self.bad_http = 0
@@ -154,8 +158,11 @@ class ConnTracker:
         return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n" % len(body)) + body
 
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        def make() -> asyncio.Protocol:
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[..., asyncio.Protocol]:
+        """The protocol factory for this socket: ``make()`` (asyncio's accept path: the caps are checked in
+        ``connection_made``) or ``make(peer)`` for a socket :meth:`admit` already admitted."""
+
+        def make(peer: Peer | None = None) -> asyncio.Protocol:
             proto = inner()
             if self.error_body is not None:
                 # aiohttp answers unparseable HTTP itself (text/plain, a logged traceback); answer in JSON.
@@ -165,7 +172,7 @@ class ConnTracker:
                     self._json_handler_cls = type(f"JsonErrors{base.__name__}", (base,), {
                         "__slots__": (), "handle_error": _json_protocol_error(self.name, self.error_body)})
                 proto.__class__ = self._json_handler_cls
-            return _TrackedProtocol(self, proto)
+            return _TrackedProtocol(self, proto, peer)
 
         return make
 
@@ -293,48 +300,76 @@ class ConnTracker:
             st.since = self._loop.time()
 
     # -- connection lifecycle (called by the proxy) ------------------------------------------------
-    def opened(self, transport: Any) -> bool:
-        if len(self.states) >= self.max_connections:
-            self.refused += 1
-            log.warning("serve.connection_refused", socket=self.name, reason="connection cap reached",
-                        limit=self.max_connections)
-            transport.close()
-            return False
+    def admit(self, sock: Any) -> Peer | None:
+        """Decide on a just-accepted raw socket, before any transport or protocol exists for it.
+
+        Returns the caller when admitted (its slot is reserved until :meth:`opened` or :meth:`unadmit`),
+        None when refused: counted in :attr:`refused`, logged (rate-limited); the caller closes the socket.
+        """
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        peer = self.resolver.resolve(transport.get_extra_info("socket"))
+        if len(self.states) + self._admitting >= self.max_connections:
+            self.refused += 1
+            self._log_refusal(None, "connection cap reached", self.max_connections, self.max_connections)
+            return None
+        peer = self.resolver.resolve(sock)
         held = self._scopes.get(peer.scope, 0)
         cap = self.max_per_caller if peer.identified else self.max_unidentified
         why = ""
         if held >= cap:
             why = "per-caller connection cap reached" if peer.identified else "unidentified-caller cap reached"
-        elif held and len(self.states) >= self.max_connections - self.reserved:
+        elif held and len(self.states) + self._admitting >= self.max_connections - self.reserved:
             why = "remaining connections are reserved for callers holding none"
         if why:
             self.refused += 1
-            transport.close()
             self._log_refusal(peer, why, cap, held)
-            return False
+            return None
         self._scopes[peer.scope] = held + 1
+        self._admitting += 1
+        return peer
+
+    def unadmit(self, peer: Peer) -> None:
+        """An admitted socket never became a connection (its transport could not be made)."""
+        self._admitting -= 1
+        held = self._scopes.get(peer.scope, 1) - 1
+        if held <= 0:
+            self._scopes.pop(peer.scope, None)
+        else:
+            self._scopes[peer.scope] = held
+
+    def opened(self, transport: Any, peer: Peer | None = None) -> bool:
+        """A transport was made: ``peer`` when :meth:`admit` already admitted its socket, else decide now."""
+        if peer is None:
+            peer = self.admit(transport.get_extra_info("socket"))
+            if peer is None:
+                transport.close()
+                return False
+        assert self._loop is not None
+        self._admitting -= 1
         self.states[transport] = ConnState(peer=peer, since=self._loop.time())
         self.accepted += 1
         self._schedule()
         return True
 
-    def _log_refusal(self, peer: Peer, why: str, cap: int, held: int) -> None:
+    def _log_refusal(self, peer: Peer | None, why: str, cap: int, held: int) -> None:
         """One ``serve.connection_refused`` event per caller per :data:`REFUSAL_LOG_INTERVAL_S`, carrying
         how many were refused since the last one: a caller retrying thousands of connections a second
         must not buy a log line (JSON rendering and a write, the costliest part of a refusal) with each."""
         assert self._loop is not None
         now = self._loop.time()
-        last = self._refusal_log.get(peer.scope)
+        key = peer.scope if peer is not None else ""  # "": the socket's total cap, caller not looked up
+        last = self._refusal_log.get(key)
         if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL_S:
             last[1] += 1
             return
         suppressed = int(last[1]) if last is not None else 0
         if len(self._refusal_log) >= self._max_scopes:
             self._refusal_log.clear()
-        self._refusal_log[peer.scope] = [now, 0]
+        self._refusal_log[key] = [now, 0]
+        if peer is None:
+            log.warning("serve.connection_refused", socket=self.name, reason=why, limit=cap,
+                        refused_since_last=suppressed)
+            return
         log.warning("serve.connection_refused", socket=self.name, reason=why, limit=cap, held=held,
                     peer_pid=peer.pid, peer_uid=peer.uid, scope=peer.scope, refused_since_last=suppressed)
 
@@ -405,11 +440,12 @@ def _http09(data: bytes) -> bool:
 class _TrackedProtocol(asyncio.Protocol):
     """Forwards to aiohttp's RequestHandler after the tracker has admitted the connection."""
 
-    __slots__ = ("_admitted", "_held", "_inner", "_now", "_state", "_tracker", "_transport")
+    __slots__ = ("_admitted", "_held", "_inner", "_now", "_peer", "_state", "_tracker", "_transport")
 
-    def __init__(self, tracker: ConnTracker, inner: Any) -> None:
+    def __init__(self, tracker: ConnTracker, inner: Any, peer: Peer | None = None) -> None:
         self._tracker = tracker
         self._inner = inner
+        self._peer = peer  # admitted before the transport was made (see agent.serve.acceptor)
         self._admitted = False
         self._transport: Any = None
         self._state: ConnState | None = None  # this connection's entry in tracker.states (no per-chunk lookup)
@@ -418,7 +454,7 @@ class _TrackedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        if self._tracker.opened(transport):
+        if self._tracker.opened(transport, self._peer):
             self._admitted = True
             self._state = self._tracker.state_of(transport)
             self._now = asyncio.get_running_loop().time

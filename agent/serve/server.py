@@ -29,6 +29,7 @@ from agent.evidence.collector import Collector
 from agent.evidence.service_identity import load_identity
 from agent.log import get_logger
 from agent.serve import app_chute, app_compat
+from agent.serve.acceptor import Acceptor
 from agent.serve.connections import ConnTracker
 from agent.serve.context import CTX_KEY, ServiceContext
 from agent.serve.errors import ApiError, chute_body, compat_body
@@ -84,7 +85,7 @@ class _Listener:
     activated: bool
     runner: web.AppRunner
     tracker: ConnTracker
-    server: asyncio.base_events.Server | None = None
+    server: Acceptor | None = None
 
 
 @dataclass
@@ -182,13 +183,12 @@ class Service:
         for extra, sock in activated.items():
             log.warning("serve.unexpected_fd", name=extra, reason="socket passed by systemd with an unknown name")
             sock.close()
-        loop = asyncio.get_running_loop()
         for lst in self.listeners:
             await lst.runner.setup()
             assert lst.runner.server is not None
-            lst.server = await loop.create_unix_server(
-                lst.tracker.factory(lst.runner.server), sock=lst.sock, backlog=BACKLOG
-            )
+            lst.sock.listen(BACKLOG)  # as create_unix_server did (an activated socket gets our backlog too)
+            # accepted here, not by asyncio: a refused connection never becomes a transport/aiohttp handler
+            lst.server = Acceptor(lst.sock, lst.tracker, lst.tracker.factory(lst.runner.server))
         self.ctx.health = {"status": "ok"}
         status = "serving " + ", ".join(f"{lst.name}={lst.path}" for lst in self.listeners)
         log.info("serve.ready", compat=paths["compat"], chute=paths["chute"],
