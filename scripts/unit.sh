@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 CHUTES_ATTEST_VENV="${CHUTES_ATTEST_UNIT_VENV:-.venv-unit}" CHUTES_ATTEST_EXTRAS=unit . ./scripts/venv.sh
 ruff check agent tests bench initramfs scripts
 mypy
-python -m pytest -m unit -q "$@"
+python -m pytest -m unit -q -n auto "$@"  # pytest-xdist: one worker per CPU
