@@ -5,6 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
+
+
+def ensure_dir(path: str | os.PathLike[str], mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    """A real directory (never a symlink) at ``path`` with exactly ``mode`` and, if given, owner; parents must exist."""
+    if not os.path.lexists(path):
+        os.mkdir(path, mode)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{os.fspath(path)}: exists and is not a directory")
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+    os.chmod(path, mode)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | bytearray, mode: int) -> None:

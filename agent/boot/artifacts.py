@@ -16,7 +16,6 @@ import binascii
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from agent.errors import AgentError
-from agent.fsutil import write_atomic
+from agent.fsutil import ensure_dir, write_atomic
 from agent.log import get_logger
 from agent.validator.proof import is_valid_validator_ss58
 
@@ -62,14 +61,6 @@ class ArtifactError(AgentError):
         self.detail = detail
 
 
-def _ensure_dir(path: Path, mode: int) -> None:
-    """A real directory (not a symlink) at ``path`` with exactly ``mode``; parents must exist."""
-    path.mkdir(mode=mode, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise NotADirectoryError(f"{path} is not a directory")
-    os.chmod(path, mode)
-
-
 # ── validator auth (§4.3 step 11) ─────────────────────────────────────────────
 
 
@@ -85,7 +76,7 @@ def write_validator_auth(run_dir: str | os.PathLike[str], ss58: str) -> None:
     d = Path(run_dir)
     try:
         if not d.exists():
-            _ensure_dir(d, 0o700)
+            ensure_dir(d, 0o700)
         write_atomic(d / VALIDATOR_SS58_FILE, ss58.encode("ascii"), 0o600)
         write_atomic(d / VALIDATOR_AUTH_ENV, f"ALLOWED_VALIDATORS={ss58}\n".encode("ascii"), 0o600)
     except OSError as exc:
@@ -140,7 +131,7 @@ def write_k3s_encryption_config(path: str | os.PathLike[str], key_b64: str | byt
     buf += _K3S_TAIL
     try:
         if not p.parent.exists():
-            _ensure_dir(p.parent, 0o700)
+            ensure_dir(p.parent, 0o700)
         write_atomic(p, buf, 0o600)
     except OSError as exc:
         raise ArtifactError(MARKER_K3S_KEY, f"{p}: {exc.strerror or exc}") from None
@@ -243,8 +234,8 @@ def write_signing_keys(directory: str | os.PathLike[str], keys: dict[str, bytes]
     written: list[Path] = []
     try:
         if not base.parent.exists():
-            _ensure_dir(base.parent, 0o700)
-        _ensure_dir(base, 0o755)
+            ensure_dir(base.parent, 0o700)
+        ensure_dir(base, 0o755)
         for name in sorted(keys):
             if not is_safe_key_name(name):  # defence in depth: callers pass verify_signing_keys' output
                 raise _fail_keys(f"key name rejected (not a safe relative path): {name[:80]!r}")
@@ -252,7 +243,7 @@ def write_signing_keys(directory: str | os.PathLike[str], keys: dict[str, bytes]
             d = base
             for part in parts[:-1]:
                 d = d / part
-                _ensure_dir(d, 0o755)
+                ensure_dir(d, 0o755)
             target = d / parts[-1]
             write_atomic(target, keys[name], 0o644)
             written.append(target)

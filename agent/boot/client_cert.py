@@ -9,17 +9,14 @@ is closed (freed) right after the SSL context has loaded it.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import ssl
-import time
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.certs import self_signed
 from agent.evidence.report_data import spki_sha256
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -37,19 +34,6 @@ class ClientIdentity:
     @property
     def spki_sha256(self) -> bytes:
         return spki_sha256(self.cert)
-
-
-def make_identity(key_type: str = "ec-p256", lifetime_s: int = 86400) -> ClientIdentity:
-    """A fresh key and a self-signed cert ``CN=tdx-vm-<epoch>`` (as the sek8s initramfs names it)."""
-    if key_type == "ec-p256":
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(ec.SECP256R1())
-    elif key_type in ("rsa-2048", "rsa-4096"):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
-    else:
-        raise ValueError(f"key_type: expected ec-p256, rsa-2048 or rsa-4096, got {key_type!r}")
-    cert = self_signed(key, f"tdx-vm-{int(time.time())}", dt.timedelta(seconds=lifetime_s),
-                       [(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
-    return ClientIdentity(key, cert)
 
 
 def _memfd(name: str, data: bytes | bytearray) -> int:

@@ -136,16 +136,8 @@ def client_ctx(b: BootConfig, identity: ClientIdentity | None) -> ssl.SSLContext
         raise BootFailure("config", f"boot.ca_bundle: {exc}", EXIT_USAGE) from None
 
 
-def start_identity(protocol: str) -> concurrent.futures.Future[ClientIdentity]:
-    """Start the boot client key off the event loop, so RSA key generation overlaps config + network.
-
-    1.4 / auto: the VM root CA (RSA-4096; in auto it is also the client identity if the validator turns
-    out to speak 1.3 or 1.2: the validator only hashes its SPKI); 1.3: self-signed RSA-4096; 1.2:
-    self-signed RSA-2048 (reference §10).
-    """
-    if protocol in ("auto", "1.4"):
-        return vm_ca.start_vm_root_ca()
-    return vm_ca.start_in_thread(vm_ca.self_signed_rsa, 4096 if protocol == "1.3" else 2048)
+#: Which key the boot presents, started early (kept as a name here so the benchmark can swap it).
+start_identity = vm_ca.start_boot_identity
 
 
 async def first_boot_flag(cfg: AgentConfig, deps: BootDeps, timer: StageTimer) -> bool:

@@ -52,7 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.boot.client_cert import ClientIdentity
 from agent.certs import issue, name, self_signed
 from agent.errors import AgentError
-from agent.fsutil import write_atomic
+from agent.fsutil import ensure_dir, write_atomic
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -157,21 +157,25 @@ def start_vm_root_ca(executor: concurrent.futures.Executor | None = None) -> con
     return start_in_thread(generate_vm_root_ca, executor=executor)
 
 
+def start_boot_identity(protocol: str) -> concurrent.futures.Future[ClientIdentity]:
+    """Start the boot client key off the event loop, so RSA key generation overlaps what precedes the first call.
+
+    1.4 / auto: the VM root CA (RSA-4096; in auto it is also the client identity if the validator turns
+    out to speak 1.3 or 1.2: the validator only hashes its SPKI); 1.3: self-signed RSA-4096; 1.2:
+    self-signed RSA-2048 (reference §10). Light on imports, so ``chutes-attest boot`` calls it before the
+    flow's heavy imports.
+    """
+    if protocol in ("auto", "1.4"):
+        return start_vm_root_ca()
+    return start_in_thread(self_signed_rsa, 4096 if protocol == "1.3" else 2048)
+
+
 # ── Files ─────────────────────────────────────────────────────────────────────
 
 
 def _ensure_dir(path: Path, mode: int, uid: int | None = None, gid: int | None = None) -> None:
-    """Create ``path`` (a real directory, not a symlink) with exactly ``mode`` and, if given, owner."""
     try:
-        path.mkdir(mode=mode, parents=False, exist_ok=True)
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise VMCAError(f"{path}: exists and is not a directory")
-        if uid is not None or gid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
-        os.chmod(path, mode)
-    except VMCAError:
-        raise
+        ensure_dir(path, mode, uid, gid)
     except OSError as exc:
         raise VMCAError(f"{path}: {exc.strerror or exc}") from None
 
@@ -182,15 +186,13 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytearray:
 
 
 def _write(path: Path, data: bytes | bytearray, mode: int, uid: int | None = None, gid: int | None = None) -> None:
-    """``write_atomic`` (+ owner); on failure its scratch file (``<path>.tmp-<pid>``), which may hold part
-    of a private key, is overwritten and removed before the error goes up."""
+    """``write_atomic`` (+ owner). A cut write leaves no scratch copy of the key: write_atomic zeroes and
+    removes its own temp file on failure."""
     try:
         write_atomic(path, data, mode)
         if uid is not None or gid is not None:
             os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            _shred(Path(f"{path}.tmp-{os.getpid()}"))
         raise VMCAError(f"{path}: {exc.strerror or exc}") from None
     finally:
         if isinstance(data, bytearray):

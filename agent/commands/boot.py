@@ -51,8 +51,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     # searches for primes without the GIL while the interpreter imports aiohttp and the boot stages.
     from agent.boot import vm_ca
 
-    keygen = (vm_ca.start_vm_root_ca() if cfg.boot.protocol in ("auto", "1.4")
-              else vm_ca.start_in_thread(vm_ca.self_signed_rsa, 4096 if cfg.boot.protocol == "1.3" else 2048))
+    keygen = vm_ca.start_boot_identity(cfg.boot.protocol)
     import asyncio
 
     from agent.boot.flow import default_deps, run_boot

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.boot import exchange, flow
-from agent.boot.client_cert import make_identity
+from agent.boot.vm_ca import self_signed_rsa
 from agent.evidence.report_data import build_report_data
 from agent.log import Secret
 from agent.sim.luks_image import null_cipher_keyslot, null_cipher_segment, tamper_luks2_metadata
@@ -132,7 +132,7 @@ async def test_reused_nonce_is_refused(rig: BootRig) -> None:
 
 
 async def test_report_data_of_a_different_cert_is_refused(rig: BootRig, monkeypatch: pytest.MonkeyPatch) -> None:
-    other = make_identity()
+    other = self_signed_rsa(2048)
     monkeypatch.setattr(exchange, "build_report_data", lambda nonce, _cert: build_report_data(nonce, other.cert))
     reason, _ = await _fail(rig)
     assert "HTTP 403 (Quote report_data does not match the client certificate)" in reason

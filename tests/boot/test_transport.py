@@ -15,7 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.boot.client_cert import make_identity, ssl_context
+from agent.boot.client_cert import ssl_context
+from agent.boot.vm_ca import self_signed_rsa
 from agent.validator.client import ValidatorClient
 from agent.validator.errors import ValidatorProtocolError, ValidatorRedirectError, ValidatorTransportError
 from agent.validator.schemas import NonceResponse, parse_json_object
@@ -41,7 +42,7 @@ async def srv(tmp_path: Path) -> AsyncIterator[ScriptedServer]:
 
 
 def _client(srv: ScriptedServer, pins: frozenset[bytes] = frozenset()) -> ValidatorClient:
-    return ValidatorClient(srv.url, ssl_context(make_identity(), str(srv.tls.ca_pem)), 5.0, pins)
+    return ValidatorClient(srv.url, ssl_context(self_signed_rsa(2048), str(srv.tls.ca_pem)), 5.0, pins)
 
 
 def _spki(pem_path: Path) -> str:

@@ -9,8 +9,9 @@ import ssl
 import pytest
 
 from agent.boot import failure, network
-from agent.boot.client_cert import make_identity, ssl_context
+from agent.boot.client_cert import ssl_context
 from agent.boot.names import InvalidNameError, sanitize_vm_name, ss58_encode, validate_hotkey
+from agent.boot.vm_ca import self_signed_rsa
 from agent.evidence.report_data import spki_sha256
 from agent.validator.errors import ValidatorHTTPError, ValidatorProtocolError, ValidatorTransportError
 from agent.validator.retry import Action, RetryPolicy, parse_retry_after
@@ -181,7 +182,7 @@ def test_protocol_error_never_echoes_the_body() -> None:
 
 def test_identity_and_context_without_key_files(tmp_path) -> None:
     before = set(os.listdir("/proc/self/fd"))
-    ident = make_identity()
+    ident = self_signed_rsa(2048)
     assert ident.cert.subject.rfc4514_string().startswith("CN=tdx-vm-")
     assert ident.spki_sha256 == spki_sha256(ident.cert_pem)
     ctx = ssl_context(ident)
@@ -190,10 +191,10 @@ def test_identity_and_context_without_key_files(tmp_path) -> None:
     assert after <= before, "memfds must be closed after loading"
 
 
-def test_rsa_option_and_bad_type() -> None:
-    assert make_identity("rsa-2048").key.key_size == 2048
-    with pytest.raises(ValueError, match="key_type"):
-        make_identity("dsa")
+def test_rsa_sizes_and_bad_size() -> None:
+    assert self_signed_rsa(4096).key.key_size == 4096
+    with pytest.raises(ValueError, match="bits"):
+        self_signed_rsa(1024)
 
 
 # --- fail closed ------------------------------------------------------------------------------------------

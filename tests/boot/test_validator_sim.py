@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.boot.client_cert import make_identity, ssl_context
+from agent.boot.client_cert import ssl_context
+from agent.boot.vm_ca import self_signed_rsa
 from agent.evidence.report_data import build_report_data
 from agent.sim.luks_image import random_hotkey
 from agent.sim.quote_sim import SimulatedQuoteSource
@@ -51,7 +52,7 @@ async def _attest(s: aiohttp.ClientSession, v: FaithfulValidator, nonce: str, qu
 
 
 async def test_happy_then_reuse(v: FaithfulValidator, sim_source: SimulatedQuoteSource) -> None:
-    hk, ident = random_hotkey(), make_identity()
+    hk, ident = random_hotkey(), self_signed_rsa(2048)
     key = v.add_vm("vm1", hk)
     async with _session(v, ident) as s:
         n = await _nonce(s, v, hk)
@@ -63,7 +64,7 @@ async def test_happy_then_reuse(v: FaithfulValidator, sim_source: SimulatedQuote
 
 
 async def test_nonce_bound_to_ip_and_hotkey(v: FaithfulValidator, sim_source: SimulatedQuoteSource) -> None:
-    hk, ident = random_hotkey(), make_identity()
+    hk, ident = random_hotkey(), self_signed_rsa(2048)
     v.add_vm("vm1", hk)
     async with _session(v, ident) as s, _session(v, ident, local_ip="127.0.0.2") as other_ip:
         n = await _nonce(s, v, hk)
@@ -84,7 +85,7 @@ async def test_nonce_bound_to_ip_and_hotkey(v: FaithfulValidator, sim_source: Si
 async def test_client_cert_comes_from_tls_not_from_headers(
     v: FaithfulValidator, sim_source: SimulatedQuoteSource,
 ) -> None:
-    hk, ident, other = random_hotkey(), make_identity(), make_identity()
+    hk, ident, other = random_hotkey(), self_signed_rsa(2048), self_signed_rsa(2048)
     v.add_vm("vm1", hk)
     spoof = {"X-Client-Cert": "-----BEGIN%20CERTIFICATE-----", "X-Client-Verify": "SUCCESS"}
     async with _session(v) as nocert:  # no client certificate, spoofed headers
@@ -102,7 +103,7 @@ async def test_client_cert_comes_from_tls_not_from_headers(
 
 
 async def test_bad_bodies(v: FaithfulValidator) -> None:
-    async with _session(v, make_identity()) as s:
+    async with _session(v, self_signed_rsa(2048)) as s:
         async with s.post(f"{v.url}/servers/boot/attestation", data=b"not json",
                           headers={"X-Chutes-Nonce": "x", "Content-Type": "application/json"}) as r:
             assert r.status == 422
@@ -115,7 +116,7 @@ async def test_bad_bodies(v: FaithfulValidator) -> None:
 
 
 async def test_volume_keys_need_the_boot_token(v: FaithfulValidator, sim_source: SimulatedQuoteSource) -> None:
-    hk, ident = random_hotkey(), make_identity()
+    hk, ident = random_hotkey(), self_signed_rsa(2048)
     v.add_vm("vm1", hk)
     v.add_vm("vm2", hk)
     async with _session(v, ident) as s:
