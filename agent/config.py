@@ -94,6 +94,13 @@ class GpuConfig:
     emulate: str = ""
 
 
+#: Per measurement scheme: the image's measured-path list and manifest (reference §12.2).
+RTMR3_SCHEME_FILES: dict[str, tuple[str, str]] = {
+    "1.4": ("/etc/tdx-measure.conf", "/etc/tdx-rtmr3-expected-hashes"),
+    "next": ("/etc/tee-measure.conf", "/etc/rootfs-manifest"),
+}
+
+
 @dataclass
 class BootConfig:
     """The initramfs unlock flow."""
@@ -104,6 +111,9 @@ class BootConfig:
     tdx_base_url: str = "https://cvm.chutes.ai"
     #: The validator's public API (1.3.x nonce and luks/confirm, signing keys).
     validator_base_url: str = "https://api.chutes.ai"
+    #: The legacy attestation proxy: the only front serving 1.3.x ``/servers/{vm}/luks/attest``
+    #: (reference §12.4; the 1.3.x ``TDX_BASE_URL``).
+    legacy_tdx_base_url: str = "https://tdx-attestation.chutes.ai:8443"
     #: "auto" (steps chosen by the validator's answer), or pin one generation: "1.2", "1.3", "1.4".
     protocol: str = "auto"
     #: CA bundle (baked into the initramfs) for the validator's server certificate; the only trust source.
@@ -148,9 +158,14 @@ class BootConfig:
     format_pbkdf: str = "argon2id"
     format_pbkdf_iterations: int = 0
     kmsg_path: str = "/dev/kmsg"
+    #: How the rootfs is measured (reference §12.2): "1.4" = one RTMR3 extension per file, duplicates kept
+    #: (the released 1.4.0 images); "next" = ``sort -u`` and one extension with SHA-384 of the list text.
+    rtmr3_scheme: str = "1.4"
     #: RTMR3 rootfs chain (≥1.3): measured path list and expected-hash manifest, both in the initramfs.
-    measure_conf: str = "/etc/tdx-measure.conf"
-    rtmr3_manifest: str = "/etc/tdx-rtmr3-expected-hashes"
+    #: Empty = the scheme's name (1.4: /etc/tdx-measure.conf, /etc/tdx-rtmr3-expected-hashes;
+    #: next: /etc/tee-measure.conf, /etc/rootfs-manifest); see :meth:`BootConfig.measure_files`.
+    measure_conf: str = ""
+    rtmr3_manifest: str = ""
     resolv_conf: str = "/etc/resolv.conf"
     #: 1.4.0 root confirm refused (non-200): root_next is removed either way; then "continue" on the old
     #: key (sek8s code) or "poweroff" (1.4.0 changelog; default: fail closed where the two disagree).
@@ -174,6 +189,11 @@ class BootConfig:
     proxy_tls_group: str = "tdx-attest"
     #: Baked, measured RSA key that signs the validator's cosign/Helm key bundle (1.4.0).
     signing_root_key: str = "/etc/chutes/root-signing-key.pem"
+
+    def measure_files(self) -> tuple[str, str]:
+        """(measured-path list, manifest) in effect: the configured paths, else the scheme's names."""
+        conf, manifest = RTMR3_SCHEME_FILES[self.rtmr3_scheme]
+        return self.measure_conf or conf, self.rtmr3_manifest or manifest
 
 
 @dataclass
@@ -406,7 +426,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"quote.retries: must be >= 0, got {cfg.quote.retries}")
     if not 0 <= cfg.serve.socket_mode <= 0o777:
         raise ConfigError(f"serve.socket_mode: must be a file mode (0..0o777), got {cfg.serve.socket_mode!r}")
-    for key in ("validator_url", "tdx_base_url", "validator_base_url"):
+    if cfg.boot.rtmr3_scheme not in RTMR3_SCHEME_FILES:
+        raise ConfigError(f"boot.rtmr3_scheme: must be one of {', '.join(map(repr, RTMR3_SCHEME_FILES))}, "
+                          f"got {cfg.boot.rtmr3_scheme!r}")
+    for key in ("validator_url", "tdx_base_url", "validator_base_url", "legacy_tdx_base_url"):
         url = getattr(cfg.boot, key)
         if (url or key != "validator_url") and not url.startswith(("https://", "http://")):
             raise ConfigError(f"boot.{key}: must be an http(s) URL, got {url!r}")

@@ -166,8 +166,8 @@ async def rtmr3_chain(run: Run) -> None:
                 mount = os.path.join(os.path.dirname(b.header_dir.rstrip("/")) or "/run", "rootfs")
                 await asyncio.to_thread(mount_ro, f"/dev/mapper/{b.root_mapper}", mount, b.rootfs_type)
                 root = mount
-            result = await asyncio.to_thread(measure_rootfs, root, b.measure_conf, b.rtmr3_manifest,
-                                             run.cfg.rtmr.sysfs_path)
+            conf, manifest = b.measure_files()
+            result = await asyncio.to_thread(measure_rootfs, root, conf, manifest, run.cfg.rtmr.sysfs_path)
         except (RootfsMeasureError, DeviceError, OSError) as exc:
             text = str(exc).removeprefix(f"{M_RTMR3}: ")
             raise BootFailure("rtmr3", text, EXIT_VERIFY_FAILED, marker=M_RTMR3) from None

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         if args.paths:
             paths = [os.fsencode(p) for p in args.paths]
         else:
-            conf = args.measure_conf or os.path.join(args.root, cfg.boot.measure_conf.lstrip("/"))
+            conf = args.measure_conf or os.path.join(args.root, cfg.boot.measure_files()[0].lstrip("/"))
             paths = rm.read_measure_conf(conf)
         manifest = rm.read_manifest(args.manifest) if args.manifest else None
         result = rm.predict_entries(args.root, paths, manifest=manifest, workers=args.workers or None)
