@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
 
 
 def ensure_dir(path: str | os.PathLike[str], mode: int, uid: int | None = None, gid: int | None = None) -> None:
-    """A real directory (never a symlink) at ``path`` with exactly ``mode`` and, if given, owner; parents must exist."""
-    if not os.path.lexists(path):
+    """A real directory (never a symlink) at ``path`` with exactly ``mode`` and, if given, owner; parents must exist.
+
+    Owner and mode are set through an ``O_NOFOLLOW | O_DIRECTORY`` descriptor, never by name: a symlink
+    swapped in after the check can neither be followed nor have its target re-moded.
+    """
+    try:
         os.mkdir(path, mode)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(f"{os.fspath(path)}: exists and is not a directory")
-    if uid is not None or gid is not None:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
-    os.chmod(path, mode)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotADirectoryError(f"{os.fspath(path)}: exists and is not a directory") from None
+        raise
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):  # O_DIRECTORY guarantees it; belt and braces
+            raise NotADirectoryError(f"{os.fspath(path)}: exists and is not a directory")
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | bytearray, mode: int) -> None:
