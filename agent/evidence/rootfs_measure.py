@@ -1,40 +1,43 @@
-"""RTMR3 rootfs measurement chain (≥1.3 images; chutes-vm-generations.md §6).
+"""The rootfs measurement exactly as Chutes' image pipeline computes it (chutes-vm-generations.md §12).
 
-What is measured, in which order, and how — the rules every party (initramfs, image build, predictor)
-must agree on, or the registered RTMR3 never matches:
+Two schemes (``boot.rtmr3_scheme``), because the registered RTMR3 is whatever Chutes' own walker
+produced for the image, byte for byte:
 
-* **Path list** (``/etc/tdx-measure.conf``): one absolute path per line; a line is cut at the first
-  ``#`` and trimmed of whitespace (spaces, tabs, CR); empty lines are skipped. ``..``/``.`` components
-  and NUL are refused. An empty list is an error.
-* **Files**: every *regular* file at or below ``<root><path>``. Symlinks and special files (FIFOs,
-  sockets, devices) inside a measured directory are neither followed nor measured (``find -P -type f``).
-  A configured entry that is itself a symlink is an error, as is one that is neither a regular file nor
-  a directory: either would silently change coverage. Symlinks in the *leading* components of an entry
-  (``/lib`` → ``usr/lib`` on merged-/usr roots) are resolved as in a chroot of ``root`` (an absolute
-  target stays inside ``root``), never against the filesystem the measurer runs in.
-* **Missing entry**: fail closed (an error naming it). The upstream shell walker lets a missing path
-  contribute nothing; we refuse, so a deleted policy directory cannot shrink coverage unnoticed.
-* **Order**: root-relative path with a leading ``/`` (the configured spelling, not the resolved one),
-  sorted by raw bytes (``LC_ALL=C sort -u``); a file reached through overlapping entries counts once.
-  A file name containing a newline is refused (no manifest line can name it).
-* **Digest**: d = SHA-384(content); RTMR3 ← SHA-384(RTMR3 ‖ d) per file, from 48 zero bytes.
+* **"1.4"** (released 1.4.0 images, sek8s ``rtmr3-measure``): every collected file is one RTMR3
+  extension with SHA-384(content), in byte-wise order of the root-relative paths, **duplicates kept**
+  (a file reached by two overlapping entries is extended twice).
+* **"next"** (chutes-cvm ``tee-measure`` / ``rootfs-measure``): ``LC_ALL=C sort -u``; the *list text*
+  is ``<sha384 hex> <path>\\n`` per file; RTMR3 is extended **once** with SHA-384(list text).
 
-Manifest (``/etc/tdx-rtmr3-expected-hashes``), checked in full *before anything is extended*: one
-``<96 hex> <path>`` line per file, ``sha384sum`` style (two spaces, or `` *``, or the single space the
-upstream ``tee-measure hash`` writes); a leading ``\\`` means GNU escaping in the name (``\\\\``, ``\\n``).
-Blank lines and ``#`` comments are skipped. The manifest must name exactly the measured set: a file
-present but not listed, listed but not present, a digest mismatch, a malformed or duplicate line —
-each fails closed with ``RTMR3-MEASURE-FAILED: ...`` naming the file.
+Shared rules (§12.1):
 
-Extension: the register must read zero first (the chain starts from zero; anything else means someone
-extended before us), then each digest is written as 48 raw bytes in one ``pwrite`` at offset 0, in
-sorted order, and the register is read back through a fresh open and compared to the locally computed
-chain. One read-back at the end (not per file): on hardware every read re-runs TDG.MR.REPORT, and any
-deviation along the way changes the final value. No event-log entry is written (reference §6).
+* **Path list**: one path per line; everything from the first ``#`` is dropped, then the line is
+  trimmed (1.4: spaces only; next: spaces, tabs, CR); empty lines are skipped.
+* **A path that does not exist contributes nothing** (production lists name such paths on purpose,
+  so that their reappearance changes RTMR3).
+* **A directory** contributes every regular file under it, as GNU ``find DIR -type f`` prints it
+  (symlinks inside are neither followed nor measured; the spelling is the entry's own: ``/etc/`` and
+  ``/etc`` give ``/etc/x``, ``/etc//`` gives ``/etc//x``).
+* **A file entry**: on 1.4 ``[ -f ]`` decides, so an entry that is a symlink to a file is measured
+  under the entry's own path with the target's content, and one to a directory contributes nothing
+  (``find -P`` does not follow a symlinked starting point) unless it is spelled with a trailing ``/``;
+  on next an entry that is itself a symlink is an error.
+* Only the content is hashed, never the name.
 
-Hashing: files of 64 KiB and more on a thread pool (hashlib releases the GIL on large updates; reads
-are 1 MiB), smaller ones meanwhile on the calling thread (per-file Python work holds the GIL, so more
-threads would only contend); the digests are then checked and chained strictly in sorted order.
+Stricter than Chutes' shell, where neither the value nor whether a Chutes-built image boots changes:
+an entry that is not absolute, holds a ``..``/``.`` component or NUL, an empty list, an entry that
+exists but is neither a file, a directory nor a symlink (a FIFO or device planted at a listed path),
+a file name with a newline (no list or manifest line can name it), and a manifest that names a file
+twice with two different hashes: each fails closed. Symlinks in the *leading* components of an entry
+(``/lib`` → ``usr/lib``) and the targets of symlinked 1.4 entries are resolved as in ``chroot(root)``
+(an absolute target stays inside the root; the shell would resolve it in the initramfs).
+
+Manifest (§12.3): ``<absolute path><space><sha384 hex>`` lines, path first, the hash the last 96
+characters (a path may contain spaces), ``#`` comment lines, a path may be listed twice. Only files the
+manifest names are compared, each before anything is extended; a mismatch fails closed naming the file.
+A measured file the manifest does not name is measured without a check, and a listed file that is not
+measured is ignored, as Chutes does (both are counted in the result and logged: either changes RTMR3,
+which the validator checks).
 """
 
 from __future__ import annotations
@@ -44,41 +47,60 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.errors import VerificationError
 from agent.evidence.base import EvidenceError
+from agent.evidence.file_hashing import FileHashError, HashJob, default_workers, hash_files
+from agent.evidence.mr_register import DIGEST_LEN, ZERO, MeasurementRegister, RegisterError, chain, extend_value
 from agent.log import get_logger
 
 log = get_logger(__name__)
 
-MARKER = "RTMR3-MEASURE-FAILED:"
-DIGEST_LEN = 48
-ZERO = bytes(DIGEST_LEN)
-CHUNK = 1 << 20
-#: Files at least this large are hashed on the pool; smaller ones by the calling thread (see hash_all).
-POOL_MIN_BYTES = 64 << 10
+SCHEMES = ("1.4", "next")
+#: The console/kmsg marker of a failed measurement, per scheme (§12.2).
+MARKERS = {"1.4": "RTMR3-MEASURE-FAILED:", "next": "ROOTFS-MEASURE-FAILED:"}
+MARKER = MARKERS["1.4"]
 MAX_LIST_BYTES = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20
 _MAX_SYMLINK_HOPS = 40
+_TRIM = {"1.4": b" ", "next": b" \t\r"}
+
+__all__ = [
+    "DIGEST_LEN", "MARKER", "MARKERS", "SCHEMES", "ZERO", "MeasuredFile", "RootfsMeasureError",
+    "RootfsMeasurement", "chain", "default_workers", "extend_value", "format_manifest", "list_text",
+    "measure_rootfs", "parse_manifest", "parse_measure_conf", "plan", "predict_entries",
+    "read_manifest", "read_measure_conf",
+]
 
 
 class RootfsMeasureError(EvidenceError, VerificationError):
-    """The rootfs chain could not be measured or verified; ``str()`` starts with ``RTMR3-MEASURE-FAILED:``."""
+    """The rootfs could not be measured or verified; ``str()`` starts with the scheme's marker."""
 
     reason = "rtmr3_measure_failed"
 
-    def __init__(self, detail: str, path: bytes | None = None) -> None:
+    def __init__(self, detail: str, path: bytes | None = None, *, scheme: str = "1.4") -> None:
         self.detail = detail
         self.path = path  # root-relative file name, when one file is to blame
-        where = f"{show_path(path)}: " if path is not None else ""
-        super().__init__(f"{MARKER} {where}{detail}")
+        self.scheme = scheme
+        super().__init__(detail)
+
+    @property
+    def marker(self) -> str:
+        return MARKERS[self.scheme]
+
+    @property
+    def message(self) -> str:
+        """The reason without the marker (what follows it on the console line)."""
+        return f"{show_path(self.path)}: {self.detail}" if self.path is not None else self.detail
+
+    def __str__(self) -> str:
+        return f"{self.marker} {self.message}"
 
 
 @dataclass(frozen=True)
 class MeasuredFile:
-    """One planned file: its root-relative name (chain key) and where to open it."""
+    """One collected file: its root-relative name (order key, list text) and where to open it."""
 
     rel: bytes
     full: bytes
@@ -87,14 +109,28 @@ class MeasuredFile:
 
 @dataclass
 class RootfsMeasurement:
-    """Result of :func:`measure_rootfs` / :func:`predict_entries`."""
+    """Result of :func:`predict_entries` / :func:`measure_rootfs`."""
 
+    scheme: str
     rtmr3: bytes
     files: int
     total_bytes: int
     seconds: float
-    #: (root-relative path, SHA-384) in chain order.
+    #: (root-relative path, SHA-384) in extension order (1.4: duplicates kept; next: unique).
     entries: list[tuple[bytes, bytes]] = field(default_factory=list, repr=False)
+    #: Configured entries that do not exist (they contribute nothing).
+    absent: list[bytes] = field(default_factory=list)
+    #: Measured files the manifest does not name / named files that were not measured.
+    unchecked: int = 0
+    not_measured: int = 0
+    #: Per configured entry, in list order: (entry, the files it reached) — what the manifest writer walks.
+    by_entry: list[tuple[bytes, list[bytes]]] = field(default_factory=list, repr=False)
+
+    def extensions(self) -> list[bytes]:
+        """The digests written to RTMR3, in order: one per file (1.4), or one over the list text (next)."""
+        if self.scheme == "next":
+            return [hashlib.sha384(list_text(self.entries)).digest()]
+        return [d for _, d in self.entries]
 
 
 def show_path(rel: bytes) -> str:
@@ -103,56 +139,62 @@ def show_path(rel: bytes) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
+def _scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown measurement scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
+    return scheme
+
+
 # -- path list ------------------------------------------------------------------------------------
 
 
-def parse_measure_conf(text: bytes, origin: str = "measure conf") -> list[bytes]:
-    """The configured absolute paths, in file order (see module doc for the rules)."""
+def parse_measure_conf(text: bytes, origin: str = "measure conf", scheme: str = "1.4") -> list[bytes]:
+    """The configured paths, in file order, spelled as written (see module doc for the rules)."""
+    trim = _TRIM[_scheme(scheme)]
     paths: list[bytes] = []
     for lineno, raw in enumerate(text.split(b"\n"), 1):
-        line = raw.split(b"#", 1)[0].strip(b" \t\r\v\f")
+        line = raw.split(b"#", 1)[0].strip(trim)
         if not line:
             continue
-        paths.append(_check_entry(line, f"{origin}:{lineno}"))
+        paths.append(_check_entry(line, f"{origin}:{lineno}", scheme))
     if not paths:
-        raise RootfsMeasureError(f"{origin}: no paths configured")
+        raise RootfsMeasureError(f"{origin}: no paths configured", scheme=scheme)
     return paths
 
 
-def _check_entry(path: bytes, where: str) -> bytes:
-    if not path.startswith(b"/") or b"\0" in path:
-        raise RootfsMeasureError(f"{where}: expected an absolute path, got {show_path(path)!r}")
-    parts = [p for p in path.split(b"/") if p]
-    if any(p in (b".", b"..") for p in parts):
-        raise RootfsMeasureError(f"{where}: '.' and '..' are not allowed in {show_path(path)!r}")
-    return b"/" + b"/".join(parts)
+def _check_entry(path: bytes, where: str, scheme: str) -> bytes:
+    if not path.startswith(b"/") or b"\0" in path or b"\n" in path:
+        raise RootfsMeasureError(f"{where}: expected an absolute path, got {show_path(path)!r}", scheme=scheme)
+    if any(p in (b".", b"..") for p in path.split(b"/")):
+        raise RootfsMeasureError(f"{where}: '.' and '..' are not allowed in {show_path(path)!r}", scheme=scheme)
+    return path
 
 
-def read_measure_conf(path: str) -> list[bytes]:
-    return parse_measure_conf(_read_bounded(path, MAX_LIST_BYTES, "measure conf"), path)
+def read_measure_conf(path: str, scheme: str = "1.4") -> list[bytes]:
+    return parse_measure_conf(_read_bounded(path, MAX_LIST_BYTES, "measured-path list", scheme), path, scheme)
 
 
-def _read_bounded(path: str, limit: int, what: str) -> bytes:
+def _read_bounded(path: str, limit: int, what: str, scheme: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise RootfsMeasureError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise RootfsMeasureError(f"cannot read {what} {path}: {exc.strerror}", scheme=scheme) from None
     if len(data) > limit:
-        raise RootfsMeasureError(f"{what} {path} is larger than {limit} bytes")
+        raise RootfsMeasureError(f"{what} {path} is larger than {limit} bytes", scheme=scheme)
     return data
 
 
-# -- plan -----------------------------------------------------------------------------------------
+# -- collecting the files ---------------------------------------------------------------------------
 
 
-def _resolve_parent(root: bytes, rel: bytes) -> bytes:
-    """``root`` + ``rel``'s leading components with symlinks resolved as in ``chroot(root)``.
+def _resolve(root: bytes, rel: bytes, *, follow_last: bool, scheme: str) -> bytes | None:
+    """``root`` + ``rel`` with symlinks resolved as in ``chroot(root)``; None when a component is missing.
 
-    The last component is kept as is (its own type is checked by the caller, with lstat).
+    With ``follow_last`` False the last component is kept as is (its own type is checked with lstat).
     """
     parts = [p for p in rel.split(b"/") if p]
-    last = parts.pop() if parts else b""
+    last = b"" if follow_last or not parts else parts.pop()
     resolved: list[bytes] = []
     hops = 0
     while parts:
@@ -166,331 +208,275 @@ def _resolve_parent(root: bytes, rel: bytes) -> bytes:
         candidate = root + b"/" + b"/".join([*resolved, name])
         try:
             st = os.lstat(candidate)
-        except FileNotFoundError:
-            resolved.append(name)  # the caller's lstat reports it missing
-            resolved.extend(parts)
-            break
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         except OSError as exc:
-            raise RootfsMeasureError(f"cannot stat: {exc.strerror}", b"/" + b"/".join([*resolved, name])) from None
+            raise RootfsMeasureError(f"cannot stat: {exc.strerror}", b"/" + b"/".join([*resolved, name]),
+                                     scheme=scheme) from None
         if stat.S_ISLNK(st.st_mode):
             hops += 1
             if hops > _MAX_SYMLINK_HOPS:
-                raise RootfsMeasureError("too many levels of symbolic links", rel)
+                raise RootfsMeasureError("too many levels of symbolic links", rel, scheme=scheme)
             target = os.readlink(candidate)
             if target.startswith(b"/"):
                 resolved = []
             parts = [p for p in target.split(b"/") if p] + parts
             continue
+        if parts and not stat.S_ISDIR(st.st_mode):
+            return None  # a file where a directory is needed: [ -d ] / [ -f ] see nothing
         resolved.append(name)
-    return root + b"/" + b"/".join([*resolved, last]) if last else root + b"/" + b"/".join(resolved)
+    tail = [*resolved, last] if last else resolved
+    return root + b"/" + b"/".join(tail)
 
 
-def _walk(full_dir: bytes, rel_dir: bytes, out: dict[bytes, MeasuredFile]) -> None:
-    try:
-        entries = list(os.scandir(full_dir))
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot list directory: {exc.strerror}", rel_dir) from None
-    for entry in entries:
-        rel = rel_dir.rstrip(b"/") + b"/" + entry.name
+def _child(rel_dir: bytes, name: bytes) -> bytes:
+    """How GNU find prints a child of a starting point: one ``/`` added unless it already ends with one."""
+    return rel_dir + name if rel_dir.endswith(b"/") else rel_dir + b"/" + name
+
+
+def _walk(full_dir: bytes, rel_dir: bytes, out: list[MeasuredFile], scheme: str) -> None:
+    """Every regular file under ``full_dir`` (``find -P DIR -type f``), iteratively: depth costs no stack."""
+    pending = [(full_dir, rel_dir)]
+    while pending:
+        full, rel = pending.pop()
         try:
-            if entry.is_dir(follow_symlinks=False):
-                _walk(entry.path, rel, out)
-            elif entry.is_file(follow_symlinks=False):
-                _add(out, rel, entry.path, entry.stat(follow_symlinks=False).st_size)
+            with os.scandir(full) as it:
+                entries = list(it)
         except OSError as exc:
-            raise RootfsMeasureError(f"cannot stat: {exc.strerror}", rel) from None
-        # symlinks, FIFOs, sockets, devices: neither followed nor measured
+            raise RootfsMeasureError(f"cannot list directory: {exc.strerror}", rel, scheme=scheme) from None
+        for entry in entries:
+            child = _child(rel, entry.name)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, child))
+                elif entry.is_file(follow_symlinks=False):
+                    _add(out, child, entry.path, entry.stat(follow_symlinks=False).st_size, scheme)
+            except OSError as exc:
+                raise RootfsMeasureError(f"cannot stat: {exc.strerror}", child, scheme=scheme) from None
+            # symlinks, FIFOs, sockets, devices: neither followed nor measured
 
 
-def _add(out: dict[bytes, MeasuredFile], rel: bytes, full: bytes, size: int) -> None:
+def _add(out: list[MeasuredFile], rel: bytes, full: bytes, size: int, scheme: str) -> None:
     if b"\n" in rel:
-        raise RootfsMeasureError("file name contains a newline (no manifest line can name it)", rel)
-    out.setdefault(rel, MeasuredFile(rel, full, size))
+        raise RootfsMeasureError("file name contains a newline (no list or manifest line can name it)", rel,
+                                 scheme=scheme)
+    out.append(MeasuredFile(rel, full, size))
 
 
-def plan(root: str | bytes, paths: Iterable[str | bytes]) -> list[MeasuredFile]:
-    """Every measured file under ``root`` for the configured ``paths``, in chain order."""
+def _collect_entry(root: bytes, entry: bytes, scheme: str) -> list[MeasuredFile] | None:
+    """The files one configured entry reaches; None when it does not exist."""
+    full = _resolve(root, entry, follow_last=False, scheme=scheme)
+    if full is None:
+        return None
+    try:
+        st = os.lstat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise RootfsMeasureError(f"cannot stat: {exc.strerror}", entry, scheme=scheme) from None
+    found: list[MeasuredFile] = []
+    if stat.S_ISLNK(st.st_mode):
+        if scheme == "next":
+            raise RootfsMeasureError("configured measured path is a symlink (next: an error, §12.1)", entry,
+                                     scheme=scheme)
+        target = _resolve(root, entry, follow_last=True, scheme=scheme)
+        if target is None:
+            return None  # dangling: [ -d ] and [ -f ] are both false
+        try:
+            tst = os.stat(target)
+        except OSError:
+            return None
+        if stat.S_ISREG(tst.st_mode):
+            _add(found, entry, target, tst.st_size, scheme)
+        elif stat.S_ISDIR(tst.st_mode) and entry.endswith(b"/"):
+            _walk(target, entry, found, scheme)
+        return found  # a symlinked directory without a trailing "/": find -P prints nothing
+    if stat.S_ISDIR(st.st_mode):
+        _walk(full, entry, found, scheme)
+    elif stat.S_ISREG(st.st_mode):
+        if not entry.endswith(b"/"):
+            _add(found, entry, full, st.st_size, scheme)
+    else:
+        raise RootfsMeasureError("configured measured path is neither a regular file nor a directory", entry,
+                                 scheme=scheme)
+    return found
+
+
+def plan(root: str | bytes, paths: Iterable[str | bytes], scheme: str = "1.4",
+         ) -> tuple[list[MeasuredFile], list[tuple[bytes, list[MeasuredFile]]], list[bytes]]:
+    """(files in extension order, per-entry files in list order, absent entries) for ``root``."""
+    _scheme(scheme)
     root_b = os.fsencode(root).rstrip(b"/")
     if not os.path.isdir(root_b or b"/"):
-        raise RootfsMeasureError(f"root {show_path(root_b or b'/')} is not a directory")
-    found: dict[bytes, MeasuredFile] = {}
+        raise RootfsMeasureError(f"root {show_path(root_b or b'/')} is not a directory", scheme=scheme)
+    by_entry: list[tuple[bytes, list[MeasuredFile]]] = []
+    absent: list[bytes] = []
     for raw in paths:
-        entry = _check_entry(os.fsencode(raw), "measured path")
-        full = _resolve_parent(root_b, entry)
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            raise RootfsMeasureError("configured measured path does not exist", entry) from None
-        except OSError as exc:
-            raise RootfsMeasureError(f"cannot stat: {exc.strerror}", entry) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise RootfsMeasureError("configured measured path is a symlink (would change coverage)", entry)
-        if stat.S_ISDIR(st.st_mode):
-            _walk(full, entry, found)
-        elif stat.S_ISREG(st.st_mode):
-            _add(found, entry, full, st.st_size)
-        else:
-            raise RootfsMeasureError("configured measured path is neither a regular file nor a directory", entry)
-    if not found:
-        raise RootfsMeasureError("no regular files found under the measured paths")
-    return [found[k] for k in sorted(found)]
-
-
-# -- hashing --------------------------------------------------------------------------------------
-
-
-def hash_file(f: MeasuredFile, buf: bytearray | None = None) -> tuple[bytes, int]:
-    """(SHA-384 of the content, bytes read); refuses anything that is no longer a regular file."""
-    try:
-        fd = os.open(f.full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot open: {exc.strerror}", f.rel) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RootfsMeasureError("no longer a regular file", f.rel)
-        if st.st_size < CHUNK:  # one read of size+1 normally returns everything and shows EOF
-            h = hashlib.sha384()
-            n = 0
-            want = st.st_size + 1
-            while chunk := os.read(fd, want):
-                h.update(chunk)
-                n += len(chunk)
-                if len(chunk) < want and n >= st.st_size:
-                    break
-                want = CHUNK
-            return h.digest(), n
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = hashlib.sha384()
-        n = 0
-        buf = buf if buf is not None else bytearray(CHUNK)
-        view = memoryview(buf)
-        while got := os.readv(fd, [buf]):
-            h.update(view[:got])  # releases the GIL: other files hash meanwhile
-            n += got
-        return h.digest(), n
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot read: {exc.strerror}", f.rel) from None
-    finally:
-        os.close(fd)
-
-
-def _hash_one(f: MeasuredFile) -> tuple[bytes, int]:
-    return hash_file(f, bytearray(CHUNK))
-
-
-def default_workers() -> int:
-    """Pool threads for the larger files: one per CPU, at least 2 (I/O overlaps), at most 16."""
-    return max(2, min(16, os.cpu_count() or 1))
-
-
-def hash_all(files: Sequence[MeasuredFile], workers: int | None = None) -> list[tuple[bytes, int]]:
-    """(digest, bytes read) for every file, in the order of ``files``.
-
-    Files of at least ``POOL_MIN_BYTES`` go to a thread pool, where hashing dominates and runs without
-    the GIL; smaller ones are hashed by the calling thread meanwhile, because for them per-file Python
-    work dominates and several threads contending for the GIL are slower than one (measured: 4 threads
-    took twice as long as 1 over 23k files of ~2 KiB on 2 CPUs).
-    """
-    results: list[tuple[bytes, int] | None] = [None] * len(files)
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="rtmr3-hash")
-    try:
-        pooled = [(i, pool.submit(_hash_one, f)) for i, f in enumerate(files) if f.size >= POOL_MIN_BYTES]
-        buf = bytearray(CHUNK)
-        for i, f in enumerate(files):
-            if f.size < POOL_MIN_BYTES:
-                results[i] = hash_file(f, buf)
-        for i, fut in pooled:
-            results[i] = fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [r for r in results if r is not None]
-
-
-def extend_value(value: bytes, digest: bytes) -> bytes:
-    """RTMR extension: SHA-384(old ‖ digest)."""
-    return hashlib.sha384(value + digest).digest()
-
-
-def chain(digests: Iterable[bytes], start: bytes = ZERO) -> bytes:
-    value = start
-    for d in digests:
-        value = extend_value(value, d)
-    return value
-
-
-# -- manifest -------------------------------------------------------------------------------------
-
-
-def _unescape(name: bytes, where: str) -> bytes:
-    out = bytearray()
-    i = 0
-    while i < len(name):
-        c = name[i : i + 1]
-        if c == b"\\":
-            nxt = name[i + 1 : i + 2]
-            if nxt not in (b"\\", b"n", b"r"):
-                raise RootfsMeasureError(f"{where}: bad escape in the file name")
-            out += {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}[nxt]
-            i += 2
-        else:
-            out += c
-            i += 1
-    return bytes(out)
-
-
-def parse_manifest(text: bytes, origin: str = "manifest") -> dict[bytes, bytes]:
-    """Root-relative path -> expected SHA-384 (see module doc for the accepted line forms)."""
-    expected: dict[bytes, bytes] = {}
-    for lineno, line in enumerate(text.split(b"\n"), 1):
-        where = f"{origin}:{lineno}"
-        if not line.strip() or line.startswith(b"#"):
+        entry = _check_entry(os.fsencode(raw), "measured path", scheme)
+        files = _collect_entry(root_b, entry, scheme)
+        if files is None:
+            absent.append(entry)
             continue
-        escaped = line.startswith(b"\\")
-        if escaped:
-            line = line[1:]
-        hexpart, rest = line[:96], line[96:]
+        by_entry.append((entry, files))
+    collected = [f for _, files in by_entry for f in files]
+    if scheme == "next":
+        unique: dict[bytes, MeasuredFile] = {}
+        for f in collected:
+            unique.setdefault(f.rel, f)
+        ordered = [unique[k] for k in sorted(unique)]
+    else:
+        ordered = sorted(collected, key=lambda f: f.rel)  # stable; duplicates kept (§12.2)
+    return ordered, by_entry, absent
+
+
+# -- list text and manifest -----------------------------------------------------------------------
+
+
+def list_text(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``<sha384 hex> <path>\\n`` per file: the text next's RTMR3 extension hashes (§12.2)."""
+    return b"".join(d.hex().encode() + b" " + rel + b"\n" for rel, d in entries)
+
+
+def parse_manifest(text: bytes, origin: str = "manifest", scheme: str = "1.4") -> dict[bytes, bytes]:
+    """Root-relative path -> expected SHA-384, from Chutes' path-first lines (§12.3)."""
+    expected: dict[bytes, bytes] = {}
+    for lineno, raw in enumerate(text.split(b"\n"), 1):
+        where = f"{origin}:{lineno}"
+        line = raw.strip(b" \t\r")  # `read -r line` trims IFS whitespace
+        if not line or line.startswith(b"#"):
+            continue
+        name, sep, hexpart = line[:-96], line[-97:-96], line[-96:]
         try:
-            digest = bytes.fromhex(hexpart.decode("ascii"))
+            digest = bytes.fromhex(hexpart.decode("ascii")) if len(hexpart) == 96 else b""
         except (UnicodeDecodeError, ValueError):
             digest = b""
-        if len(digest) != DIGEST_LEN or not rest.startswith(b" "):
-            raise RootfsMeasureError(f"{where}: expected '<96 hex digits> <path>'")
-        name = rest[2:] if rest[1:2] in (b" ", b"*") else rest[1:]
-        if escaped:
-            name = _unescape(name, where)
+        if len(digest) != DIGEST_LEN or sep not in (b" ", b"\t"):
+            raise RootfsMeasureError(f"{where}: expected '<absolute path> <96 hex digits>'", scheme=scheme)
+        name = name.rstrip(b" \t")
         if not name.startswith(b"/"):
-            raise RootfsMeasureError(f"{where}: expected a root-relative path starting with '/'")
-        if name in expected:
-            raise RootfsMeasureError(f"{where}: listed twice", name)
+            raise RootfsMeasureError(f"{where}: expected an absolute path before the hash", scheme=scheme)
+        if expected.get(name, digest) != digest:
+            raise RootfsMeasureError(f"{where}: listed twice with different hashes", name, scheme=scheme)
         expected[name] = digest
     if not expected:
-        raise RootfsMeasureError(f"{origin}: no entries")
+        raise RootfsMeasureError(f"{origin}: no entries", scheme=scheme)
     return expected
 
 
-def read_manifest(path: str) -> dict[bytes, bytes]:
-    return parse_manifest(_read_bounded(path, MAX_MANIFEST_BYTES, "expected-hash manifest"), path)
+def read_manifest(path: str, scheme: str = "1.4") -> dict[bytes, bytes]:
+    return parse_manifest(_read_bounded(path, MAX_MANIFEST_BYTES, "manifest", scheme), path, scheme)
 
 
-def format_manifest(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """``sha384sum``-style lines (GNU escaping for ``\\``/newline names) that :func:`parse_manifest` reads."""
-    out = bytearray()
-    for rel, digest in entries:
-        if b"\\" in rel or b"\n" in rel or b"\r" in rel:
-            esc = rel.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-            out += b"\\" + digest.hex().encode() + b"  " + esc + b"\n"
-        else:
-            out += digest.hex().encode() + b"  " + rel + b"\n"
-    return bytes(out)
+def format_manifest(result: RootfsMeasurement) -> bytes:
+    """The manifest Chutes' generator writes for this tree: path first, one line per file.
 
-
-def check_manifest_coverage(files: Sequence[MeasuredFile], expected: dict[bytes, bytes]) -> None:
-    """The manifest names exactly the planned files (before any file is read)."""
-    planned = {f.rel for f in files}
-    for f in files:
-        if f.rel not in expected:
-            raise RootfsMeasureError("present under a measured path but not in the expected-hash manifest", f.rel)
-    for rel in sorted(expected):
-        if rel not in planned:
-            raise RootfsMeasureError("in the expected-hash manifest but not present (or not a regular file)", rel)
+    1.4 walks the list line by line (a file reached twice is listed twice); next lists each file once,
+    in list order.
+    """
+    if result.scheme == "next":
+        rows = result.entries
+    else:
+        digest = dict(result.entries)
+        rows = [(rel, digest[rel]) for _, rels in result.by_entry for rel in rels]
+    return b"".join(rel + b" " + d.hex().encode() + b"\n" for rel, d in rows)
 
 
 # -- predict / measure ------------------------------------------------------------------------------
 
 
 def predict_entries(
-    root: str | bytes, paths: Iterable[str | bytes], *, manifest: dict[bytes, bytes] | None = None,
-    workers: int | None = None,
+    root: str | bytes, paths: Iterable[str | bytes], *, scheme: str = "1.4",
+    manifest: dict[bytes, bytes] | None = None, workers: int | None = None,
 ) -> RootfsMeasurement:
-    """The final RTMR3 from zero for ``root`` without a TD, with every file's digest (chain order)."""
+    """The final RTMR3 from zero for ``root`` without a TD, with every file's digest in order.
+
+    With ``manifest``, every file it names is compared first; the first mismatch (in order) fails.
+    """
     started = time.monotonic()
-    files = plan(root, paths)
+    files, by_entry, absent = plan(root, paths, scheme)
+    if not files:
+        log.warning("rootfs.nothing_measured", scheme=scheme, absent=len(absent))
+    unique: dict[bytes, int] = {}
+    jobs: list[HashJob] = []
+    for f in files:
+        if f.full not in unique:
+            unique[f.full] = len(jobs)
+            jobs.append(HashJob(f.full, f.size))
+    try:
+        hashed = hash_files(jobs, workers)
+    except FileHashError as exc:
+        rel = next(f.rel for f in files if unique[f.full] == exc.index)
+        raise RootfsMeasureError(exc.detail, rel, scheme=scheme) from None
+    entries = [(f.rel, hashed[unique[f.full]][0]) for f in files]
+    unchecked = 0
     if manifest is not None:
-        check_manifest_coverage(files, manifest)
-    value = ZERO
-    total = 0
-    entries: list[tuple[bytes, bytes]] = []
-    for f, (digest, n) in zip(files, hash_all(files, workers), strict=True):
-        if manifest is not None and manifest[f.rel] != digest:  # the first mismatch in chain order
-            raise RootfsMeasureError(
-                f"SHA-384 {digest.hex()[:16]}… does not match the manifest's {manifest[f.rel].hex()[:16]}…", f.rel)
-        value = extend_value(value, digest)
-        total += n
-        entries.append((f.rel, digest))
-    return RootfsMeasurement(value, len(entries), total, time.monotonic() - started, entries)
+        for rel, digest in entries:
+            want = manifest.get(rel)
+            if want is None:
+                unchecked += 1
+            elif want != digest:
+                raise RootfsMeasureError(
+                    f"SHA-384 {digest.hex()[:16]}… does not match the manifest's {want.hex()[:16]}…", rel,
+                    scheme=scheme)
+    measured = {rel for rel, _ in entries}
+    not_measured = sum(1 for rel in manifest if rel not in measured) if manifest is not None else 0
+    result = RootfsMeasurement(
+        scheme, ZERO, len(entries), sum(n for _, n in hashed), 0.0, entries, absent, unchecked, not_measured,
+        [(entry, [f.rel for f in fs]) for entry, fs in by_entry])
+    result.rtmr3 = chain(result.extensions())
+    result.seconds = time.monotonic() - started
+    return result
 
 
-def predict(root: str | bytes, paths: Iterable[str | bytes]) -> bytes:
-    """The final RTMR3 value (48 bytes) the boot chain would produce for ``root``."""
-    return predict_entries(root, paths).rtmr3
+def predict(root: str | bytes, paths: Iterable[str | bytes], scheme: str = "1.4") -> bytes:
+    """The final RTMR3 value (48 bytes) the boot would produce for ``root``."""
+    return predict_entries(root, paths, scheme=scheme).rtmr3
 
 
-def _read_register(path: str) -> bytes:
+def extend_register(register: MeasurementRegister, digests: Sequence[bytes], expected: bytes,
+                    scheme: str = "1.4") -> None:
+    """Extend ``register`` with ``digests`` in order, then read it back once and compare to ``expected``.
+
+    One read-back at the end, not per file: on hardware every read re-runs TDG.MR.REPORT, and any
+    deviation along the way changes the final value.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        data = b""
-        while chunk := os.read(fd, 4096):
-            data += chunk
-            if len(data) > DIGEST_LEN:
-                break
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) != DIGEST_LEN:
-        raise RootfsMeasureError(f"{path}: expected {DIGEST_LEN} bytes, read {len(data)}")
-    return data
-
-
-def write_digests(sysfs_path: str, digests: Sequence[bytes]) -> None:
-    """Write each digest as 48 bytes in one ``pwrite`` at offset 0, in order, through one open file."""
-    try:
-        fd = os.open(sysfs_path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RootfsMeasureError(f"cannot open {sysfs_path} for writing: {exc.strerror}") from None
-    try:
-        for i, d in enumerate(digests):
-            try:
-                n = os.pwrite(fd, d, 0)
-            except OSError as exc:
-                raise RootfsMeasureError(f"extending {sysfs_path} failed at file {i + 1}: {exc.strerror}") from None
-            if n != DIGEST_LEN:
-                raise RootfsMeasureError(f"extending {sysfs_path}: short write ({n} of {DIGEST_LEN} bytes)")
-    finally:
-        os.close(fd)
-
-
-def extend_register(sysfs_path: str, digests: Sequence[bytes], expected: bytes) -> None:
-    """Extend the register with ``digests`` in order, then read it back once and compare to ``expected``."""
-    write_digests(sysfs_path, digests)
-    after = _read_register(sysfs_path)
+        register.extend(digests)
+        after = register.read()
+    except RegisterError as exc:
+        raise RootfsMeasureError(str(exc), scheme=scheme) from None
     if after != expected:
         raise RootfsMeasureError(
-            f"{sysfs_path} reads {after.hex()[:16]}… after the chain, expected {expected.hex()[:16]}…")
+            f"{register.path} reads {after.hex()[:16]}… after the measurement, expected {expected.hex()[:16]}…",
+            scheme=scheme)
 
 
 def measure_rootfs(
-    root: str, measure_conf: str, manifest: str, sysfs_path: str, *, workers: int | None = None,
+    root: str, measure_conf: str, manifest: str, register: MeasurementRegister, *, scheme: str = "1.4",
+    workers: int | None = None,
 ) -> RootfsMeasurement:
-    """Boot step: check every measured file against the manifest, then extend RTMR3 in order.
+    """Boot step: check the named files against the manifest, then extend RTMR3 as the scheme says.
 
     Synchronous (run it in a thread from async code). Raises :class:`RootfsMeasureError` on any
-    failure; the register is untouched unless every file matched.
+    failure; the register is untouched unless every named file matched.
     """
     started = time.monotonic()
-    paths = read_measure_conf(measure_conf)
-    expected = read_manifest(manifest)
-    before = _read_register(sysfs_path)
+    paths = read_measure_conf(measure_conf, scheme)
+    expected = read_manifest(manifest, scheme)
+    try:
+        before = register.read()
+    except RegisterError as exc:
+        raise RootfsMeasureError(str(exc), scheme=scheme) from None
     if before != ZERO:
-        raise RootfsMeasureError(f"{sysfs_path} is already extended ({before.hex()[:16]}…); the chain starts from zero")
-    result = predict_entries(root, paths, manifest=expected, workers=workers)
+        raise RootfsMeasureError(f"{register.path} is already extended ({before.hex()[:16]}…); "
+                                 "the measurement starts from zero", scheme=scheme)
+    result = predict_entries(root, paths, scheme=scheme, manifest=expected, workers=workers)
     hashed_s = time.monotonic() - started
-    extend_register(sysfs_path, [d for _, d in result.entries], result.rtmr3)
+    extensions = result.extensions()
+    extend_register(register, extensions, result.rtmr3, scheme)
     result.seconds = time.monotonic() - started
-    log.info("rtmr3.rootfs_measured", files=result.files, bytes=result.total_bytes, rtmr3=result.rtmr3.hex(),
+    log.info("rootfs.measured", scheme=scheme, files=result.files, bytes=result.total_bytes,
+             extensions=len(extensions), absent=[show_path(p) for p in result.absent][:20],
+             unchecked=result.unchecked, listed_not_measured=result.not_measured, rtmr3=result.rtmr3.hex(),
              hash_ms=round(hashed_s * 1000, 1), total_ms=round(result.seconds * 1000, 1))
     return result

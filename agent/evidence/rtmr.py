@@ -28,20 +28,13 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.evidence.mr_register import ZERO, MeasurementRegister, RegisterError, extend_value
 from agent.log import get_logger
 
 log = get_logger(__name__)
 
-DIGEST_LEN = 48
-ZERO = bytes(DIGEST_LEN)
-
-
 class RtmrError(AgentError):
     """The register could not be extended, or it disagrees with the event log."""
-
-
-def _extend(old: bytes, digest: bytes) -> bytes:
-    return hashlib.sha384(old + digest).digest()
 
 
 def _parse_log(raw: bytes, path: str) -> tuple[list[dict[str, Any]], int]:
@@ -79,7 +72,7 @@ def _fold(records: list[dict[str, Any]], path: str) -> tuple[bytes, bytes]:
             raise RtmrError(f"{where}: digest does not match the event data")
         if old != value:
             raise RtmrError(f"{where}: record starts from {old.hex()[:16]}…, replay is at {value.hex()[:16]}…")
-        prev, value = value, _extend(value, digest)
+        prev, value = value, extend_value(value, digest)
         if value != new:
             raise RtmrError(f"{where}: recorded value does not match SHA-384(old ‖ digest)")
     return value, prev
@@ -100,33 +93,25 @@ class RtmrExtender:
     """Extends one RTMR through sysfs and keeps its event log; one instance per register."""
 
     def __init__(self, sysfs_path: str, event_log_path: str) -> None:
-        self.sysfs_path = sysfs_path
+        self.register = MeasurementRegister(sysfs_path)
         self.event_log_path = event_log_path
+
+    @property
+    def sysfs_path(self) -> str:
+        return self.register.path
 
     def read(self) -> bytes:
         """The register's current 48-byte value."""
         try:
-            fd = os.open(self.sysfs_path, os.O_RDONLY)
-        except OSError as exc:
-            raise RtmrError(f"cannot open {self.sysfs_path}: {exc.strerror}") from None
-        try:
-            data = b""
-            while chunk := os.read(fd, 4096):
-                data += chunk
-        finally:
-            os.close(fd)
-        if len(data) != DIGEST_LEN:
-            raise RtmrError(f"{self.sysfs_path}: expected {DIGEST_LEN} bytes, read {len(data)}")
-        return data
+            return self.register.read()
+        except RegisterError as exc:
+            raise RtmrError(str(exc)) from None
 
     def _write_digest(self, digest: bytes) -> None:
-        fd = os.open(self.sysfs_path, os.O_WRONLY)
         try:
-            n = os.write(fd, digest)  # exactly one 48-byte write at offset 0, as the ABI demands
-        finally:
-            os.close(fd)
-        if n != DIGEST_LEN:
-            raise OSError(f"short write ({n} of {DIGEST_LEN} bytes)")
+            self.register.extend([digest])  # exactly one 48-byte write at offset 0, as the ABI demands
+        except RegisterError as exc:
+            raise OSError(str(exc)) from None
 
     @contextlib.contextmanager
     def _locked_log(self) -> Iterator[int]:
@@ -175,7 +160,7 @@ class RtmrExtender:
                         "(extended outside the agent, or the log belongs to another boot)"
                     )
             seq = max((r["seq"] for r in records), default=0) + 1
-            new = _extend(current, digest)
+            new = extend_value(current, digest)
             self._append(fd, {
                 "type": "extend", "seq": seq, "event": event, "data": base64.b64encode(bytes(data)).decode(),
                 "digest": digest.hex(), "old": current.hex(), "new": new.hex(),

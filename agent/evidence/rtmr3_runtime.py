@@ -22,7 +22,8 @@ import json
 
 from agent.errors import UnavailableError
 from agent.evidence.base import EvidenceError
-from agent.evidence.rtmr import ZERO, RtmrError, RtmrExtender, replay_event_log
+from agent.evidence.mr_register import ZERO
+from agent.evidence.rtmr import RtmrError, RtmrExtender, replay_event_log
 from agent.log import get_logger
 
 log = get_logger(__name__)
