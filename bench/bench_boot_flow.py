@@ -75,6 +75,7 @@ def _setup(tmp: Path, v: FaithfulValidator, mnt: str) -> AgentConfig:
     cfg = AgentConfig()
     b = cfg.boot
     b.tdx_base_url, b.validator_base_url, b.ca_bundle = v.tdx_base_url, v.api_url, v.ca_bundle
+    b.legacy_tdx_base_url = v.legacy_tdx_base_url
     b.config_device, b.config_mount, b.root_device = str(tmp / "config.img"), str(tmp / "mnt"), str(tmp / "root.img")
     b.storage_device, b.tdx_cache_device = str(tmp / "storage.img"), str(tmp / "tdx-cache.img")
     b.header_dir, b.handoff_dir, b.kmsg_path = str(tmp / "hdr"), str(tmp / "run"), str(tmp / "kmsg")
@@ -139,13 +140,14 @@ async def main_async(rounds: int) -> dict[str, object]:
         v0 = FaithfulValidator(tmp / "v0", root_ca_pem=source.root_ca_pem, generation="1.4")
         cfg = _setup(tmp, v0, mnt)
         pre = predict_entries(cfg.boot.rootfs_dir, [b"/usr"])
-        Path(cfg.boot.rtmr3_manifest).write_bytes(format_manifest(pre.entries))
+        Path(cfg.boot.rtmr3_manifest).write_bytes(format_manifest(pre))
         v = FaithfulValidator(tmp / "validator", root_ca_pem=source.root_ca_pem, generation="1.4",
                               runtime_rtmr3=pre.rtmr3.hex(), legacy_luks=False)
         await v.start()
         try:
             b = cfg.boot
             b.tdx_base_url, b.validator_base_url, b.ca_bundle = v.tdx_base_url, v.api_url, v.ca_bundle
+            b.legacy_tdx_base_url = v.legacy_tdx_base_url
             b.signing_root_key = v.signing_root_pem_path
             rows: dict[str, list[dict[str, float]]] = {"overlapped": [], "baseline": []}
             keygen_alone: list[float] = []

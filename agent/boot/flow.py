@@ -13,8 +13,9 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import os
+import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -31,6 +32,7 @@ from agent.boot.retrying import CallBudget
 from agent.boot.stages import StageTimer
 from agent.config import AgentConfig, BootConfig
 from agent.evidence.base import QuoteSource
+from agent.evidence.mr_register import MeasurementRegister
 from agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from agent.log import get_logger
 from agent.validator.client import ValidatorClient
@@ -56,6 +58,8 @@ class BootDeps:
     #: The client identity's key generation, when the caller started it even earlier (the CLI starts it
     #: before importing the flow, so RSA-4096 also overlaps the interpreter's imports).
     keygen: concurrent.futures.Future[ClientIdentity] | None = None
+    #: RTMR3, for the rootfs measurement and the kubeconfig event; None = ``rtmr.sysfs_path``.
+    rtmr3: MeasurementRegister | None = None
 
 
 @dataclass
@@ -93,14 +97,21 @@ def base_urls(b: BootConfig) -> tuple[str, str]:
     return b.tdx_base_url, b.validator_base_url
 
 
-def _check_urls(b: BootConfig) -> tuple[str, str]:
+def legacy_base_url(b: BootConfig) -> str:
+    """The legacy attestation proxy: the only front serving 1.3.x ``luks/attest`` (reference §12.4)."""
+    return b.validator_url or b.legacy_tdx_base_url
+
+
+def _check_urls(b: BootConfig) -> tuple[str, str, str]:
     tdx, api = base_urls(b)
-    for url in (tdx, api):
+    legacy = legacy_base_url(b)
+    named = (("tdx_base_url", tdx), ("validator_base_url", api), ("legacy_tdx_base_url", legacy))
+    for name, url in named:
         if not url.startswith("https://"):
             # The key and the boot token must never cross the wire in clear, whatever the config says.
-            key = "validator_url" if b.validator_url else ("tdx_base_url" if url == tdx else "validator_base_url")
+            key = "validator_url" if b.validator_url else name
             raise BootFailure("config", f"boot.{key} must be an https:// URL, got {url!r}", EXIT_USAGE)
-    return tdx, api
+    return tdx, api, legacy
 
 
 async def prepare(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> BootIdentity:
@@ -177,7 +188,7 @@ async def _identity(keygen: concurrent.futures.Future[ClientIdentity], timer: St
 
 async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> None:
     b = cfg.boot
-    tdx_url, api_url = _check_urls(b)
+    tdx_url, api_url, legacy_url = _check_urls(b)
     pins = tls_setup(b)
     keygen = deps.keygen if deps.keygen is not None else start_identity(b.protocol)
     run: generations.Run | None = None
@@ -196,7 +207,7 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
         async with contextlib.AsyncExitStack() as stack:
             clients = generations.Clients(
                 *[await stack.enter_async_context(ValidatorClient(u, c, b.request_timeout_s, pins))
-                  for u, c in ((tdx_url, mtls), (api_url, mtls), (api_url, plain))])
+                  for u, c in ((tdx_url, mtls), (api_url, mtls), (api_url, plain), (legacy_url, mtls))])
             shape = await _shape(cfg, deps, timer, ident, clients)
             gen_box: list[str] = []
 
@@ -214,7 +225,8 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
             gen = gen_box[0]
             status["generation"] = gen
             run = generations.Run(cfg, deps.cryptsetup, timer, status, budget, ex, ident, identity, clients,
-                                  deps.sleep, leaf_keys=leaf_keys)
+                                  deps.sleep, deps.rtmr3 or MeasurementRegister(cfg.rtmr.sysfs_path),
+                                  leaf_keys=leaf_keys)
             try:
                 await generations.STEPS[gen](run, resp)
             finally:
@@ -244,8 +256,51 @@ def _remove_ca_after_failure(b: BootConfig) -> None:
         log.error("boot.ca_remove_failed", error=str(exc))
 
 
-async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_poweroff: bool = False) -> BootOutcome:
-    """Run the whole flow; on failure announce ``TDX-LUKS-UNLOCK-FAILED`` and (if asked) power off."""
+#: Signals that end a running boot like a failure: the same clean-up (the ``finally`` of :func:`_boot`:
+#: CA files, secret hand-off files, the miner key), the marker line, power-off if configured, exit 128+n.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+async def _until_signal(boot: Coroutine[Any, Any, None]) -> None:
+    """Run ``boot`` as a task that SIGTERM/SIGINT cancel, so its clean-up runs before the process ends.
+
+    The default actions would end the process at once (SIGTERM) or raise wherever it lands (SIGINT),
+    leaving what the boot wrote on tmpfs. Cancelling instead unwinds every ``finally`` on the way out; a
+    key-slot change already running in a worker thread finishes (``asyncio.run`` waits for it), one not
+    yet started never starts, and an unfinished rotation keeps both keys. A second signal during the
+    clean-up is ignored. Raises :class:`BootFailure` naming the signal.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(boot)
+    got: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not got:
+            got.append(signum)
+            log.error("boot.signal", signal=signal.Signals(signum).name, action="stopping: clean-up, then exit")
+            task.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await task
+    except BaseException:
+        if not got:
+            raise
+        name = signal.Signals(got[0]).name
+        raise BootFailure("signal", f"stopped by {name} before the boot finished; hand-off secrets wiped",
+                          128 + got[0]) from None
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_poweroff: bool = False,
+                   handle_signals: bool = False) -> BootOutcome:
+    """Run the whole flow; on failure announce ``TDX-LUKS-UNLOCK-FAILED`` and (if asked) power off.
+
+    ``handle_signals`` (the ``boot`` command): SIGTERM/SIGINT stop the boot as a failure (:func:`_until_signal`).
+    """
     timer = StageTimer(deps.console)
     started = dt.datetime.now(dt.UTC)
     status: dict[str, Any] = {
@@ -256,7 +311,10 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
     marker = failure.MARKER
     reason_code: str | None = None
     try:
-        await _boot(cfg, deps, timer, status)
+        if handle_signals:
+            await _until_signal(_boot(cfg, deps, timer, status))
+        else:
+            await _boot(cfg, deps, timer, status)
     except BootFailure as exc:
         outcome = BootOutcome(False, exc.exit_code, f"{exc.stage}: {exc.detail}")
         marker, reason_code = exc.marker, exc.reason

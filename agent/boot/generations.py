@@ -28,6 +28,7 @@ from agent.boot.artifacts import ArtifactError, verify_signing_keys, write_signi
 from agent.boot.blockdev import DeviceError, mount_ro, umount
 from agent.boot.client_cert import ClientIdentity
 from agent.boot.config_volume import BootIdentity
+from agent.boot.confirm import ConfirmAnswer, send_confirm
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.exchange import Exchange
 from agent.boot.failure import BootFailure
@@ -37,11 +38,12 @@ from agent.boot.retrying import CallBudget
 from agent.boot.root_unlock import header_dict, unlock_root
 from agent.boot.stages import StageTimer
 from agent.config import AgentConfig
-from agent.evidence.rootfs_measure import RootfsMeasureError, measure_rootfs, write_digests
+from agent.evidence.mr_register import MeasurementRegister
+from agent.evidence.rootfs_measure import MARKERS, RootfsMeasureError, measure_rootfs
 from agent.exitcodes import EXIT_VERIFY_FAILED
 from agent.log import Secret, get_logger
 from agent.validator.client import ValidatorClient, compact_json
-from agent.validator.errors import ValidatorError, ValidatorHTTPError
+from agent.validator.errors import ValidatorError
 from agent.validator.proof import Hotkey, proof_headers
 from agent.validator.retry import RetryPolicy
 from agent.validator.schemas import BootAttestationResponse, LegacyVolumesResponse, StorageKeysResponse
@@ -51,18 +53,19 @@ log = get_logger(__name__)
 STORAGE_UA = "TDX-LUKS-Storage/1.0"
 M_UNLOCK = "TDX-LUKS-UNLOCK-FAILED"
 M_STORAGE = "STORAGE-SETUP-FAILED"
-M_RTMR3 = "RTMR3-MEASURE-FAILED"
 M_TLS = "SETUP-VM-TLS-FAILED"
 M_SIGNING = "FETCH-SIGNING-KEYS-FAILED"
 
 
 @dataclass
 class Clients:
-    """``tdx`` = the mTLS front (client identity presented), ``api_mtls``/``api`` = the public API with/without it."""
+    """``tdx`` = the mTLS front (client identity presented), ``api_mtls``/``api`` = the public API with/without it,
+    ``legacy`` = the legacy attestation proxy (mTLS), the only front serving 1.3.x ``luks/attest`` (§12.4)."""
 
     tdx: ValidatorClient
     api_mtls: ValidatorClient
     api: ValidatorClient
+    legacy: ValidatorClient
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Run:
     identity: ClientIdentity
     clients: Clients
     sleep: Callable[[float], Awaitable[None]]
+    #: RTMR3 (the kernel's sysfs file, or the emulator of it at the configured path).
+    rtmr3: MeasurementRegister
     #: Futures of the two RSA-2048 leaf keys (1.4.0), started once the CA was ready.
     leaf_keys: list[concurrent.futures.Future[Any]] = field(default_factory=list)
     #: CA files on disk to remove on failure (1.4.0).
@@ -118,18 +123,19 @@ async def root_14(run: Run, resp: BootAttestationResponse) -> None:
     assert resp.root_next is not None and resp.root_confirm_nonce is not None
     nonce = resp.root_confirm_nonce
 
-    async def confirm() -> bool:
+    async def confirm() -> ConfirmAnswer:
+        # Only the validator's confirmation body or a refusal it states counts (agent.boot.confirm);
+        # anything else raises: rotate_root then keeps both keyslots and fails closed.
         body = compact_json({"volumes": {"root": {"rotated": True}}})
         headers = {"X-Confirm-Nonce": nonce, **proof_headers(signer, nonce, body)}
         ep = "POST /servers/{vm}/provision/confirm (root)"
-        try:
-            with run.timer.stage("root_confirm") as st, st.waiting("network"):
-                await run.clients.tdx.request(ep, "POST", f"/servers/{run.vm_path}/provision/confirm",
-                                              headers=headers, body=body)
-        except ValidatorHTTPError as exc:
-            log.warning("boot.root_confirm_refused", status=exc.status, detail=exc.detail)
-            return False
-        return True
+        with run.timer.stage("root_confirm") as st, st.waiting("network"):
+            answer = await send_confirm(run.clients.tdx, ep, f"/servers/{run.vm_path}/provision/confirm",
+                                        headers, body, ("root",))
+            st.detail = f"root: {answer.result('root')}"
+        if answer.refused:
+            log.warning("boot.root_confirm_refused", detail=answer.detail)
+        return answer
 
     with run.timer.stage("root_rotation") as st:
         try:
@@ -144,7 +150,7 @@ async def root_14(run: Run, resp: BootAttestationResponse) -> None:
         run.status["root_rotation"] = {"confirmed": result.confirmed, "active_key": result.active_key,
                                        "old_slots": result.old_slots, "killed": result.killed}
         st.detail = (f"rotated: killed slots {result.killed}" if result.confirmed
-                     else "confirm refused: root_next removed, booting on the old key")
+                     else "confirm refused by the validator: root_next removed, booting on the old key")
 
 
 # ── RTMR3 chain ──────────────────────────────────────────────────────────────
@@ -167,22 +173,33 @@ async def rtmr3_chain(run: Run) -> None:
                 await asyncio.to_thread(mount_ro, f"/dev/mapper/{b.root_mapper}", mount, b.rootfs_type)
                 root = mount
             conf, manifest = b.measure_files()
-            result = await asyncio.to_thread(measure_rootfs, root, conf, manifest, run.cfg.rtmr.sysfs_path)
-        except (RootfsMeasureError, DeviceError, OSError) as exc:
-            text = str(exc).removeprefix(f"{M_RTMR3}: ")
-            raise BootFailure("rtmr3", text, EXIT_VERIFY_FAILED, marker=M_RTMR3) from None
+            result = await asyncio.to_thread(measure_rootfs, root, conf, manifest, run.rtmr3,
+                                             scheme=b.rtmr3_scheme)
+        except RootfsMeasureError as exc:
+            raise BootFailure("rtmr3", exc.message, EXIT_VERIFY_FAILED, marker=_marker(b)) from None
+        except (DeviceError, OSError) as exc:
+            raise BootFailure("rtmr3", str(exc), EXIT_VERIFY_FAILED, marker=_marker(b)) from None
         finally:
             if mount:
                 try:
                     await asyncio.to_thread(umount, mount)
                 except DeviceError as exc:
                     log.warning("boot.rtmr3_umount_failed", error=str(exc))
-        run.status["rtmr3"] = {"files": result.files, "bytes": result.total_bytes, "value": result.rtmr3.hex()}
-        st.detail = f"{result.files} files, RTMR3 {result.rtmr3.hex()[:16]}…"
+        run.status["rtmr3"] = {"scheme": result.scheme, "files": result.files, "bytes": result.total_bytes,
+                               "extensions": len(result.extensions()), "absent": len(result.absent),
+                               "unchecked": result.unchecked, "value": result.rtmr3.hex()}
+        st.detail = f"{result.scheme} scheme, {result.files} files, RTMR3 {result.rtmr3.hex()[:16]}…"
+
+
+def _marker(b: Any) -> str:
+    """The scheme's console marker, without the colon (BootFailure adds it)."""
+    return MARKERS[b.rtmr3_scheme].rstrip(":")
 
 
 def _extend_rtmr3(run: Run) -> Callable[[bytes], None]:
-    return lambda digest: write_digests(run.cfg.rtmr.sysfs_path, [digest])
+    def extend(digest: bytes) -> None:
+        run.rtmr3.extend([digest])  # a RegisterError fails the storage step, naming the register
+    return extend
 
 
 # ── storage (1.3 / 1.4) ──────────────────────────────────────────────────────
@@ -195,15 +212,19 @@ async def fetch_storage_keys(run: Run, gen: str, luks_quote_nonce: str) -> Stora
     headers = {"X-Quote-Nonce": luks_quote_nonce, "User-Agent": STORAGE_UA}
     if gen == "1.4":
         headers.update(proof_headers(_signer(run), luks_quote_nonce, body))
-        ep, path = "POST /servers/{vm}/provision", f"/servers/{run.vm_path}/provision"
+        # /provision: only through the cvm front (§12.4)
+        client, ep, path = run.clients.tdx, "POST /servers/{vm}/provision", f"/servers/{run.vm_path}/provision"
     else:
         headers["X-Chutes-Hotkey"] = run.ident.miner_hotkey
-        ep, path = "POST /servers/{vm}/luks/attest", f"/servers/{run.vm_path}/luks/attest"
+        # luks/attest: only through the legacy attestation proxy, any other front answers 403 (§12.4)
+        client, ep, path = (run.clients.legacy, "POST /servers/{vm}/luks/attest",
+                            f"/servers/{run.vm_path}/luks/attest")
     try:
         with run.timer.stage("storage_keys") as st, st.waiting("network"):
-            answer = await run.clients.tdx.request(ep, "POST", path, headers=headers, body=body, ok=(200, 201))
+            answer = await client.request(ep, "POST", path, headers=headers, body=body, ok=(200, 201))
             keys = StorageKeysResponse.parse(ep, answer, run.labels)
-            st.detail = f"{len(keys.volumes)} volume(s), confirm nonce {'yes' if keys.confirm_nonce else 'no'}"
+            st.detail = (f"{len(keys.volumes)} volume(s), confirm nonce {'yes' if keys.confirm_nonce else 'no'}, "
+                         f"from {client.base_url}")
     except ValidatorError as exc:
         raise BootFailure("storage", str(exc), marker=M_STORAGE) from None
     return keys
@@ -214,7 +235,7 @@ async def storage_volumes(run: Run, gen: str, keys: StorageKeysResponse) -> None
     b = run.b
     confirm_nonce = keys.confirm_nonce
 
-    async def confirm(body_doc: dict[str, object]) -> bool:
+    async def confirm(body_doc: dict[str, object]) -> ConfirmAnswer:
         assert confirm_nonce is not None
         body = compact_json(body_doc)
         headers = {"X-Confirm-Nonce": confirm_nonce}
@@ -226,13 +247,12 @@ async def storage_volumes(run: Run, gen: str, keys: StorageKeysResponse) -> None
             headers["X-Chutes-Hotkey"] = run.ident.miner_hotkey
             client, ep, path = (run.clients.api, "POST /servers/{vm}/luks/confirm",
                                 f"/servers/{run.vm_path}/luks/confirm")
-        try:
-            with run.timer.stage("storage_confirm") as st, st.waiting("network"):
-                await client.request(ep, "POST", path, headers=headers, body=body)
-        except ValidatorHTTPError as exc:
-            log.warning("boot.storage_confirm_refused", status=exc.status, detail=exc.detail)
-            return False
-        return True
+        with run.timer.stage("storage_confirm") as st, st.waiting("network"):
+            answer = await send_confirm(client, ep, path, headers, body, tuple(run.labels))
+            st.detail = ", ".join(f"{v}: {answer.result(v)}" for v in run.labels)
+        if answer.refused:
+            log.warning("boot.storage_confirm_refused", detail=answer.detail)
+        return answer
 
     async def write_k3s() -> None:
         await asyncio.to_thread(storage.write_k3s_encryption_config,
@@ -315,7 +335,6 @@ async def vm_tls(run: Run) -> None:
             leaves = await asyncio.to_thread(vm_ca.sign_leaves, run.identity, b.handoff_dir, gid, leaf_keys=keys)
             ca_dir = os.path.join(b.handoff_dir, vm_ca.CA_SUBDIR)
             removed = await asyncio.to_thread(vm_ca.delete_ca_key, ca_dir)
-            await asyncio.to_thread(vm_ca.share_ca_dir, ca_dir, gid, owner_uid=os.getuid())
         except (OSError, vm_ca.VMCAError) as exc:
             raise BootFailure("vm_tls", str(exc), marker=M_TLS) from None
         st.detail = f"proxy + registry leaves, removed {', '.join(removed) or 'nothing'}"

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from agent.fsutil import write_atomic
+from agent.fsutil import ensure_dir, write_atomic
 from agent.log import Secret
 
 
@@ -23,7 +23,7 @@ def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secre
     ``vm-name`` and ``hotkey`` are text + newline; ``boot-token`` (≤1.2) and the ``extra`` files
     (``luks-quote-nonce``, ``cert-hash``: ≥1.3) carry no newline.
     """
-    os.makedirs(handoff_dir, mode=0o755, exist_ok=True)
+    ensure_handoff_dir(handoff_dir)
     paths = []
     files: list[tuple[str, bytes | bytearray]] = [("vm-name", vm_name.encode() + b"\n"),
                                                   ("hotkey", hotkey.encode() + b"\n")]
@@ -37,6 +37,13 @@ def write_handoff(handoff_dir: str, vm_name: str, hotkey: str, boot_token: Secre
     return paths
 
 
+def ensure_handoff_dir(handoff_dir: str) -> None:
+    """``handoff_dir`` (``/run/chutes``) a real directory, mode exactly 0700 (reference §7, §12.6: nothing
+    reaches its files by traversal; each service gets its own subtree read-only through its unit)."""
+    os.makedirs(os.path.dirname(os.path.abspath(handoff_dir)), mode=0o755, exist_ok=True)
+    ensure_dir(handoff_dir, 0o700)
+
+
 def remove_handoff_file(handoff_dir: str, name: str) -> bool:
     """Delete one hand-off file (``cert-hash`` after the last quote that needs it); True if it existed."""
     try:
@@ -47,6 +54,7 @@ def remove_handoff_file(handoff_dir: str, name: str) -> bool:
 
 
 def write_status(path: str, status: dict[str, Any]) -> None:
-    """``boot-status.json`` (0644: readable by the runtime service's user)."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    """``boot-status.json`` (0644: the runtime service's unit binds it read-only into its namespace). A
+    directory it has to create is private (0700), like ``/run/chutes`` itself."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     write_atomic(path, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode(), 0o644)

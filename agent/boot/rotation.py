@@ -5,19 +5,24 @@ Order, and why it can never leave a disk that neither key opens:
 1. OLD = every keyslot number now in use (empty → fail closed: nothing proves the header is sane).
 2. ``luksAddKey root_next`` authorised by the current key. Until this commits, only the old key
    opens the disk; after it, both do. Failure → fail closed (both or old opens).
-3. ``await confirm()`` (the signed ``/provision/confirm``; the boot flow owns the HTTP).
-4. confirm True (200): ``luksKillSlot`` each OLD slot authorised by ``root_next``. cryptsetup only
-   accepts an authorising key that opens a slot *other* than the one being killed, so the root_next
-   slot always survives. Any failure → fail closed (new key opens, maybe old too).
-5. confirm False (definite refusal): ``luksRemoveKey root_next`` (refused by the wrapper if it were the
-   last slot), so the disk is back on the old key the validator still holds. Failure → fail closed.
-   Then ``boot.root_confirm_failure``: ``"continue"`` boots on the old key (the sek8s code),
-   ``"poweroff"`` fails closed (the 1.4.0 changelog) — the default, per "where code and changelog
-   disagree, fail closed".
-6. confirm raised (no answer: timeout, connection reset, signing failure): the outcome at the
-   validator is unknown — it may have promoted root_next or not. Both keys stay in place (whichever
+3. ``await confirm()`` (the signed ``/provision/confirm``; the boot flow owns the HTTP and reads the
+   answer into a :class:`~agent.boot.confirm.ConfirmAnswer`, see :mod:`agent.boot.confirm`).
+4. The validator's confirmation says ``volumes.root.result == "promoted"``: ``luksKillSlot`` each OLD
+   slot authorised by ``root_next``. cryptsetup only accepts an authorising key that opens a slot
+   *other* than the one being killed, so the root_next slot always survives. Any failure → fail
+   closed (new key opens, maybe old too). A bare 200 (an HTML page, JSON without the per-volume
+   ``result``, a result other than ``promoted``) is *not* this: see 6.
+5. A refusal the validator stated (4xx with its JSON detail): ``luksRemoveKey root_next`` (refused by
+   the wrapper if it were the last slot), so the disk is back on the old key the validator still
+   holds. Failure → fail closed. Then ``boot.root_confirm_failure``: ``"continue"`` boots on the old
+   key (the sek8s code), ``"poweroff"`` fails closed (the 1.4.0 changelog) — the default, per "where
+   code and changelog disagree, fail closed".
+6. Anything else (confirm raised — timeout, cut connection, 5xx such as a gateway's 502, a 4xx that
+   is not the validator's, signing failure — or an answer that proves no promotion): the outcome at
+   the validator is unknown; it may have promoted root_next or not. Both keys stay in place (whichever
    the validator now holds opens the disk next boot; the next rotation kills the stale slot by number)
-   and the boot fails closed. (Choice where the reference is silent; sek8s treats "000" as non-200.)
+   and the boot fails closed. (sek8s treats every non-200, "000" included, as a refusal and removes
+   root_next: if the validator had committed, no key it holds opens the disk any more.)
 
 The caller owns and wipes both secrets; nothing here logs, stores or copies them.
 """
@@ -28,6 +33,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent.boot.confirm import ConfirmAnswer
 from agent.boot.cryptsetup import FIRST_BOOT_TOKEN, Cryptsetup, CryptsetupError, Kdf
 from agent.errors import AgentError
 from agent.log import Secret, get_logger
@@ -38,7 +44,9 @@ CONFIRM_FAILURE_CHOICES = ("continue", "poweroff")
 #: Fail closed where the code (continue) and the 1.4.0 changelog (power off) disagree.
 DEFAULT_CONFIRM_FAILURE = "poweroff"
 
-ConfirmFn = Callable[[], Awaitable[bool]]
+#: The signed root confirm: what the answer proves; raises when it proves nothing (outcome unknown).
+ConfirmFn = Callable[[], Awaitable[ConfirmAnswer]]
+ROOT_VOLUME = "root"
 
 
 class RotationError(AgentError):
@@ -99,8 +107,10 @@ async def rotate_root(
 ) -> RootRotation:
     """Rotate the root volume from ``key`` to ``root_next`` (see the module docstring for the order).
 
-    ``confirm`` sends the signed root confirm and returns True for HTTP 200, False for any other
-    status; it raises when no answer came back. Raises :class:`RotationError` to fail closed.
+    ``confirm`` sends the signed root confirm and returns what its answer proves (a stated refusal or
+    the validator's per-volume results); it raises when the outcome is unknown. Only a proven
+    ``promoted`` kills the old slots, only a stated refusal removes ``root_next``; anything else keeps
+    both. Raises :class:`RotationError` to fail closed.
     """
     if on_confirm_failure not in CONFIRM_FAILURE_CHOICES:
         raise ValueError(f"on_confirm_failure must be one of {CONFIRM_FAILURE_CHOICES}, got {on_confirm_failure!r}")
@@ -121,12 +131,12 @@ async def rotate_root(
     log.info("boot.root_rotation", step="added")
 
     try:
-        confirmed = await confirm()
+        answer = await confirm()
     except Exception as exc:
-        raise RotationError("confirm", f"no answer to the root confirm ({type(exc).__name__}: {exc}); "
-                                       "both keyslots kept", "old+new") from None
+        raise RotationError("confirm", f"no proven answer to the root confirm ({type(exc).__name__}: {exc}); "
+                                       "outcome unknown, both keyslots kept", "old+new") from None
 
-    if confirmed:
+    if answer.promoted(ROOT_VOLUME):
         killed: list[int] = []
         for slot in old:
             try:
@@ -138,14 +148,19 @@ async def rotate_root(
             killed.append(slot)
         log.info("boot.root_rotation", step="rotated", killed=killed)
         return RootRotation(old, True, "new", killed)
+    if not answer.refused:
+        log.warning("boot.root_rotation", step="unproven", result=answer.result(ROOT_VOLUME))
+        raise RotationError("confirm", f"the root confirm answer proves no promotion (root result: "
+                                       f"{answer.result(ROOT_VOLUME)}); outcome unknown, both keyslots kept",
+                            "old+new")
 
     try:
         await asyncio.to_thread(cs.remove_key, device, root_next)
     except CryptsetupError as exc:
         raise RotationError("remove_key", f"root confirm refused, then luksRemoveKey root_next failed ({exc})",
                             "old+new") from None
-    log.warning("boot.root_rotation", step="reverted", on_confirm_failure=on_confirm_failure)
+    log.warning("boot.root_rotation", step="reverted", on_confirm_failure=on_confirm_failure, refusal=answer.detail)
     if on_confirm_failure == "poweroff":
-        raise RotationError("confirm", "the validator refused the root confirm; root_next removed "
-                                       "(boot.root_confirm_failure = poweroff)", "old")
+        raise RotationError("confirm", f"the validator refused the root confirm ({answer.detail}); root_next "
+                                       "removed (boot.root_confirm_failure = poweroff)", "old")
     return RootRotation(old, False, "old")

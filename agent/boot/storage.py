@@ -21,13 +21,17 @@ hands the keys here. Per volume, in order:
 5. **Rotation** (only with ``next`` and a confirm nonce): 1.4.0 records the keyslots in use, then
    ``luksAddKey next``; a failure is not fatal (``rotated = false``). 1.3.x the same without the slot list.
 
-Then the confirm body ``{"volumes": {label: {"rotated": b}}}`` goes to the validator (callback), and
-:func:`finalize` cleans up the slots: 1.4.0 confirm 200 → ``luksKillSlot`` every recorded slot with
-``next`` (fatal), refused → ``luksRemoveKey next`` (fatal); 1.3.x 200 → ``luksRemoveKey current``,
-refused → ``luksRemoveKey next``, both non-fatal. No answer at all (the callback raised): the outcome at
-the validator is unknown, so both keyslots stay — whichever key it now holds opens the volume — and
-1.4.0 fails closed (1.3.x carries on, as its failures are non-fatal). Any volume that had ``next``
-added keeps both keys until finalize, so a failure anywhere in between leaves every volume openable.
+Then the confirm body ``{"volumes": {label: {"rotated": b}}}`` goes to the validator (callback, which
+reads the answer into a :class:`~agent.boot.confirm.ConfirmAnswer`), and :func:`finalize` cleans up the
+slots, per volume, only on what the answer proves (:mod:`agent.boot.confirm`): the validator's
+confirmation says ``result: "promoted"`` for the volume → 1.4.0 ``luksKillSlot`` every recorded slot
+with ``next`` (fatal), 1.3.x ``luksRemoveKey current`` (non-fatal); a refusal the validator stated (4xx
+with its JSON detail) → ``luksRemoveKey next`` (1.4.0 fatal, 1.3.x non-fatal). Anything else — no
+answer (the callback raised: timeout, cut connection, 5xx), a 200 that is not the confirmation, a
+``result`` that is missing or not ``promoted`` — the outcome at the validator is unknown, so both
+keyslots stay — whichever key it now holds opens the volume — and 1.4.0 fails closed (1.3.x carries
+on, as its failures are non-fatal). Any volume that had ``next`` added keeps both keys until finalize,
+so a failure anywhere in between leaves every volume openable.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.boot import artifacts, blockdev
+from agent.boot.confirm import ConfirmAnswer
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError, Kdf
 from agent.boot.luks_header import HeaderSummary, LuksHeaderError
 from agent.boot.volumes import unlock_validated
@@ -56,7 +61,8 @@ GENERATIONS = ("1.3", "1.4")
 DEFAULT_LABELS = ("storage", "tdx-cache")
 KUBECONFIG_SUBPATH = "rancher-config/k3s.yaml"
 
-ConfirmFn = Callable[[dict[str, object]], Awaitable[bool]]
+#: The confirm call: what its answer proves; raises when it proves nothing (outcome unknown).
+ConfirmFn = Callable[[dict[str, object]], Awaitable[ConfirmAnswer]]
 ExtendFn = Callable[[bytes], None]
 
 
@@ -119,6 +125,7 @@ class VolumeState:
     next_added: bool = False
     kubeconfig: str = "skipped"
     #: After finalize: rotated | reverted | unchanged | kept-both | formatted
+    #: (+ " (unproven)" when the confirm did not prove the key this volume needs is the validator's)
     outcome: str = ""
 
     @property
@@ -136,7 +143,8 @@ class VolumeState:
 class StorageResult:
     volumes: list[VolumeState]
     confirm_body: dict[str, object]
-    #: True 200, False refused, None no confirm sent (no nonce) — an unanswered confirm raises.
+    #: True: the validator's confirmation proves every volume's key; False: a refusal it stated; None: no
+    #: confirm sent (no nonce), or an outcome the answer does not prove (1.4.0 raises in that case).
     confirmed: bool | None
 
 
@@ -337,25 +345,43 @@ def confirm_body(states: Sequence[VolumeState]) -> dict[str, object]:
     return {"volumes": {st.label: {"rotated": st.rotated} for st in states}}
 
 
-def finalize(cs: Cryptsetup, states: Sequence[VolumeState], confirmed: bool | None, generation: str) -> None:
-    """Slot clean-up after the confirm (``confirmed`` None = no answer came back)."""
-    unknown: list[str] = []
+def finalize(cs: Cryptsetup, states: Sequence[VolumeState], answer: ConfirmAnswer | None,
+             generation: str) -> bool | None:
+    """Slot clean-up after the confirm, per volume on what ``answer`` proves (None = no proven answer).
+
+    Returns :attr:`StorageResult.confirmed`. 1.4.0 raises :class:`StorageError` when the answer leaves
+    any volume's key unproven (its slots are kept as they are).
+    """
+    unproven: list[str] = []
     for st in states:
+        got = "no answer" if answer is None else answer.result(st.label)
         if not st.next_added:
             st.outcome = "formatted" if st.formatted else "unchanged"
+            # Nothing to clean up; but the validator must hold the key the volume opens with now:
+            # ``next`` for one formatted with it (rotated: true), ``current`` otherwise (rotated: false).
+            if answer is not None and not answer.refused and (got == "promoted") != st.rotated:
+                st.outcome += " (unproven)"
+                unproven.append(f"{st.label} (sent rotated={str(st.rotated).lower()}, result {got})")
+                log.warning("boot.storage_confirm_mismatch", volume=st.label, rotated=st.rotated, result=got)
             continue
         assert st.next is not None
-        if confirmed is None:
+        if answer is None or not (answer.refused or answer.promoted(st.label)):
             st.outcome = "kept-both"
-            unknown.append(st.label)
-            log.warning("boot.storage_confirm_unknown", volume=st.label, action="kept both keyslots")
+            unproven.append(f"{st.label} (result {got})")
+            log.warning("boot.storage_confirm_unknown", volume=st.label, result=got, action="kept both keyslots")
             continue
         if generation == "1.4":
-            _finalize_14(cs, st, confirmed)
+            _finalize_14(cs, st, answer.promoted(st.label))
         else:
-            _finalize_13(cs, st, confirmed)
-    if unknown and generation == "1.4":
-        raise StorageError(f"no answer to the storage confirm; both keyslots kept on {', '.join(unknown)}")
+            _finalize_13(cs, st, answer.promoted(st.label))
+    if unproven and generation == "1.4":
+        what = ("no answer to the storage confirm" if answer is None
+                else "the storage confirm answer does not prove which key the validator holds")
+        raise StorageError(f"{what}: {', '.join(unproven)}; keyslots kept as they are (both keys where next "
+                           "was added)")
+    if answer is None or unproven:
+        return None
+    return not answer.refused
 
 
 def _finalize_14(cs: Cryptsetup, st: VolumeState, confirmed: bool) -> None:
@@ -409,8 +435,9 @@ async def prepare_volumes(cs: Cryptsetup, keys: Mapping[str, VolumeKeys], settin
 async def setup_storage(cs: Cryptsetup, keys: Mapping[str, VolumeKeys], settings: StorageSettings, *,
                         confirm: ConfirmFn | None, extend_rtmr3: ExtendFn | None = None,
                         before_confirm: Callable[[], Awaitable[None]] | None = None) -> StorageResult:
-    """Every volume, the confirm (``confirm(body)`` → True for 200; None when there is no confirm
-    nonce: no rotation then), and the slot clean-up. Raises :class:`StorageError` to fail closed.
+    """Every volume, the confirm (``confirm(body)`` → what the answer proves, raising when it proves
+    nothing; None when there is no confirm nonce: no rotation then), and the slot clean-up. Raises
+    :class:`StorageError` to fail closed.
 
     ``before_confirm`` runs between the volumes and the confirm (the k3s encryption config is written
     there in sek8s).
@@ -422,14 +449,14 @@ async def setup_storage(cs: Cryptsetup, keys: Mapping[str, VolumeKeys], settings
     if confirm is None:
         await asyncio.to_thread(finalize, cs, states, None, settings.generation)  # nothing was added
         return StorageResult(states, body, None)
-    answered: bool | None
+    answer: ConfirmAnswer | None
     try:
-        answered = bool(await confirm(body))
+        answer = await confirm(body)
     except Exception as exc:
         log.warning("boot.storage_confirm_no_answer", error=f"{type(exc).__name__}: {exc}")
-        answered = None
-    await asyncio.to_thread(finalize, cs, states, answered, settings.generation)
-    return StorageResult(states, body, answered)
+        answer = None
+    confirmed = await asyncio.to_thread(finalize, cs, states, answer, settings.generation)
+    return StorageResult(states, body, confirmed)
 
 
 # -- k3s secrets encryption config ---------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The CA is the mTLS client identity of every 1.4.0 initramfs call (the validator stores it from
 ``/provision`` as ``vm_root_ca_cert``), then signs the attestation-proxy TLS server leaf and the CVM
-mTLS client leaf, and its private key is deleted before the hand-off completes (also on failure).
+mTLS client leaf. Its private key lives only in this process's memory: ``ca.key`` is never written
+(see :func:`write_ca`); :func:`delete_ca_key` still shreds any ``ca.key``/``ca.srl`` found there.
 
 Choices where we differ from the shell original, on purpose:
 
@@ -205,15 +206,23 @@ def _ensure_run_dir(run_dir: Path) -> None:
 
 
 def write_ca(ca: ClientIdentity, directory: str | os.PathLike[str] = CA_DIR) -> None:
-    """``ca.key`` (0600) and ``ca.crt`` (0644) in ``directory`` (0700), each written crash-safe."""
+    """``ca.crt`` (0644) in ``directory``, written crash-safe. The private key is never written.
+
+    sek8s writes ``ca.key`` (0600) because two shell scripts share it: premount makes the CA, init-bottom's
+    ``setup_vm_tls`` signs the leaves with it and then deletes it (§7). Here one process does both and
+    signs the leaves from the key it holds in memory (:func:`sign_leaves`); nothing would read the file
+    back, so writing it would only expose the key (a crash or SIGKILL before the delete leaves it on the
+    tmpfs that moves into the real root). The state the reference requires after the boot — ``ca.crt``
+    present, ``ca.key``/``ca.srl`` absent — is the same. Any stale ``ca.key``/``ca.srl`` is shredded here.
+    """
     d = Path(directory)
     _ensure_run_dir(d.parent)
     _ensure_dir(d, 0o700)
     try:
-        _write(d / "ca.key", _key_pem(ca.key), 0o600)  # type: ignore[arg-type]
+        delete_ca_key(d)  # nothing from an earlier writer survives next to the new certificate
         _write(d / "ca.crt", ca.cert_pem, 0o644)
     except VMCAError:
-        # The flow removes CA files only once write_ca returned: a half-written CA must not leave its key.
+        # The flow removes CA files only once write_ca returned: a half-written CA leaves nothing behind.
         with contextlib.suppress(OSError):
             remove_ca(d)
         raise
@@ -266,22 +275,6 @@ def delete_ca_key(directory: str | os.PathLike[str] = CA_DIR) -> list[str]:
     if removed:
         log.info("boot.vm_ca.key_deleted", directory=str(directory), removed=removed)
     return removed
-
-
-def share_ca_dir(directory: str | os.PathLike[str], tdx_attest_gid: int, *, owner_uid: int = 0) -> None:
-    """After :func:`delete_ca_key`: ``vm-root-ca/`` 0750 ``owner_uid:tdx_attest_gid``, like ``proxy-tls/``.
-
-    Why: the runtime service (an unprivileged member of ``tdx-attest``, issue 14) checks its hand-off leaf
-    against ``ca.crt`` before it serves, and the reference's 0700 root directory would refuse it that read
-    (found by the VM suite: the service never became ready). Only once ``ca.key`` and ``ca.srl`` are gone
-    (else :class:`VMCAError`): the directory then holds the public certificate alone, and no other
-    user gains anything.
-    """
-    d = Path(directory)
-    left = [n for n in ("ca.key", "ca.srl") if os.path.lexists(d / n)]
-    if left:
-        raise VMCAError(f"{d}: {', '.join(left)} still present; the CA directory is not shared while it holds a key")
-    _ensure_dir(d, 0o750, owner_uid, tdx_attest_gid)
 
 
 def remove_ca(directory: str | os.PathLike[str] = CA_DIR) -> list[str]:

@@ -74,5 +74,8 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         return EXIT_UNAVAILABLE
     deps = default_deps(cfg, source)
     deps.keygen = keygen
-    outcome = asyncio.run(run_boot(cfg, deps, poweroff=poweroff, force_poweroff=args.force_poweroff))
+    # SIGTERM/SIGINT end the boot like a failure: the same clean-up of what it wrote on tmpfs, the marker
+    # line, power-off if configured, exit 128 + the signal number (flow._until_signal).
+    outcome = asyncio.run(run_boot(cfg, deps, poweroff=poweroff, force_poweroff=args.force_poweroff,
+                                   handle_signals=True))
     return outcome.exit_code

@@ -73,7 +73,10 @@ ROOTFS_FILES = {
     "var/lib/unmeasured": b"not under a measured path\n",
 }
 ROOTFS_RANDOM = {"usr/bin/chutes-demo-tool": 96 * 1024}
-MEASURED_PATHS = "/etc\n/usr\n"
+#: Shaped like Chutes' miner list (§12.1): overlapping entries, and paths absent on purpose (their
+#: reappearance changes RTMR3).
+MEASURED_PATHS = ("# measured paths\n/etc\n/usr\n/etc/chutes/agent.conf  # again, inside /etc\n"
+                  "/etc/default/rtmr3-verify\n/etc/ld.so.preload\n")
 
 
 def check_options(protocol: str, fail: str, quote: str) -> str | None:
@@ -163,6 +166,8 @@ mode = "off"
 protocol = "auto"
 tdx_base_url = "{v.tdx_base_url}"
 validator_base_url = "{v.api_url}"
+# the legacy attestation proxy: the only front serving the 1.3.x storage call luks/attest
+legacy_tdx_base_url = "{v.legacy_tdx_base_url}"
 ca_bundle = "{v.ca_bundle}"
 network = "initramfs"
 config_device = "{p.config_image}"
@@ -286,7 +291,9 @@ def inject_failure(rig: DemoRig, fail: str) -> None:
     elif fail == "garbage":
         v.inject("attestation", Fault("garbage", times=None))
     elif fail == "root-confirm":
-        v.inject("root_confirm", Fault("status", status=500, times=None, detail="injected by demo"))
+        # a refusal the validator states (4xx + its JSON detail): root_next is removed again; a 5xx would
+        # leave the outcome unknown and keep both keys (agent.boot.confirm)
+        v.inject("root_confirm", Fault("status", status=403, times=None, detail="injected by demo"))
     elif fail == "storage":
         v.inject(STORAGE_ENDPOINT[rig.generation], Fault("status", status=500, times=None,
                                                          detail="injected by demo"))

@@ -4,16 +4,18 @@ Shape: one real nginx (:mod:`agent.sim.validator_nginx`) with three TLS fronts, 
 deployed, proxying to this aiohttp app on a unix socket:
 
 - ``cvm`` (:attr:`FaithfulValidator.cvm_url`, ``cvm.chutes.ai``): ``optional_no_ca`` mTLS, client cert
-  forwarded as ``X-Client-Cert``, injects ``X-Cvm-Proxy-Auth``; the 1.4.0 ``TDX_BASE_URL``;
-- ``legacy`` (:attr:`url` = :attr:`legacy_url`, the 1.3.x attestation proxy): same mTLS, injects
-  ``X-Attestation-Proxy-Auth``; the 1.3.x ``TDX_BASE_URL`` and the ≤1.2 endpoints;
+  forwarded as ``X-Client-Cert``, injects ``X-Cvm-Proxy-Auth``; the 1.4.0 ``TDX_BASE_URL``, the agent's
+  ``boot.tdx_base_url`` (:attr:`tdx_base_url`) from 1.3 on;
+- ``legacy`` (:attr:`url` = :attr:`legacy_url` = :attr:`legacy_tdx_base_url`, the 1.3.x attestation proxy,
+  ``tdx-attestation.chutes.ai:8443``): same mTLS, injects ``X-Attestation-Proxy-Auth``; the 1.3.x
+  ``TDX_BASE_URL`` (the agent's ``boot.legacy_tdx_base_url``) and the ≤1.2 endpoints;
 - ``api`` (:attr:`api_url`, ``api.chutes.ai``, ``VALIDATOR_BASE_URL``): no client certificate, no proxy
   header.
 
 A VM's generation is that of the measurement its boot quote matches (§1, §9): boot quotes need RTMR3 =
 48 zero bytes, ``luks/attest`` and ``provision`` quotes the entry's ``runtime_rtmr3``; a runtime quote sent
-to boot is refused. Endpoints (route guards as §2 "Guards"; checks in the validator's order; FastAPI
-status codes and ``{"detail"}`` bodies):
+to boot is refused. Endpoints (route guards as §2 "Guards" and §12.4, enforced per front with the newest
+validator's 403 texts; checks in the validator's order; §12.5 status codes and ``{"detail"}`` bodies):
 
 - ``GET /servers/nonce[?miner_hotkey=]`` → ``{"nonce", "expires_at"}``; single use, 600 s, bound to caller
   IP, purpose ``boot`` and the hotkey when given;
@@ -22,8 +24,9 @@ status codes and ``{"detail"}`` bodies):
   1.4 adds ``root_next``, ``root_confirm_nonce``, ``vm_auth_ss58``;
 - ``POST /servers/{vm}/luks`` (1.2, ``X-Boot-Token``) → ``{volume: passphrase}``; the removed
   ``GET``/``PUT`` cache calls only with ``legacy_luks=True``;
-- ``POST /servers/{vm}/luks/attest`` (1.3, legacy front, ``X-Quote-Nonce``) and ``POST
-  /servers/{vm}/provision`` (1.4, cvm front, signed, stores the client CA as ``vm_root_ca_cert``) →
+- ``POST /servers/{vm}/luks/attest`` (1.3, legacy front only: elsewhere 403 "This endpoint serves only legacy
+  VMs, via the attestation proxy. …") and ``POST /servers/{vm}/provision`` (1.4, cvm front only, signed,
+  stores the client CA as ``vm_root_ca_cert``), ``X-Quote-Nonce`` →
   ``{"volumes": {v: {"current", "next"}}, "confirm_nonce", "k3s_encryption_key"}``;
 - ``POST /servers/{vm}/luks/confirm`` (1.3, ``X-Confirm-Nonce``) and ``POST /servers/{vm}/provision/confirm``
   (1.4, cvm, signed; also the root rotation confirm) → ``{"status": "confirmed", "volumes": {v: {"result"}}}``;
@@ -130,9 +133,17 @@ class FaithfulValidator:
         return f"https://{self.host}:{self.api_port}"
 
     @property
+    def legacy_tdx_base_url(self) -> str:
+        """``boot.legacy_tdx_base_url``: the legacy attestation proxy, the only front serving 1.3.x
+        ``luks/attest`` (§12.4)."""
+        return self.url
+
+    @property
     def tdx_base_url(self) -> str:
-        """``boot.tdx_base_url`` for this validator's generation: cvm for 1.4, the legacy proxy before."""
-        return self.cvm_url if self.generation == "1.4" else self.url
+        """``boot.tdx_base_url`` for this validator's generation: the cvm front from 1.3 on (as the agent's
+        default ``https://cvm.chutes.ai``: a 1.3.x boot attests through either mTLS front, its ``luks/attest``
+        goes to :attr:`legacy_tdx_base_url`), the legacy proxy for ≤1.2 (its removed endpoints)."""
+        return self.url if self.generation == "1.2" else self.cvm_url
 
     @property
     def validator_base_url(self) -> str:
@@ -334,7 +345,8 @@ async def _serve(args: argparse.Namespace) -> int:
         v.add_vm(args.vm, args.hotkey, _read_key_file(args.root_key_file))
     await v.start()
     print(json.dumps({"url": v.url, "tdx_base_url": v.tdx_base_url, "validator_base_url": v.validator_base_url,
-                      "cvm_url": v.cvm_url, "api_url": v.api_url, "ca_bundle": v.ca_bundle,
+                      "legacy_tdx_base_url": v.legacy_tdx_base_url, "cvm_url": v.cvm_url, "api_url": v.api_url,
+                      "ca_bundle": v.ca_bundle,
                       "signing_root_pem": v.signing_root_pem_path, "state_dir": str(v.state_dir)}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

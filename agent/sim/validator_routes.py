@@ -1,9 +1,12 @@
 """The faithful validator's HTTP app: route guards, fault injection and every endpoint's checks.
 
-Checks run in the live validator's order with its status codes (chutes-protocol.md §2.5–2.7,
-chutes-vm-generations.md §3–§5): schema 422, nonce 401, sr25519 proof 401, client certificate 401,
-quote decoding 400, report_data nonce half 400 / cert half 403, quote signatures 403, DEBUG 403,
-measurements 403, hotkey on the subnet (403 from 1.4, 401 before), unknown VM 404. NEVER production.
+Checks run in the live validator's order with the newest validator's status codes and texts
+(chutes-vm-generations.md §3–§5, §12.4–12.5; chutes-api ``api/server/util.py``, ``exceptions.py``):
+route/front guards 403, schema 422, boot nonce 400 ("Nonce is invalid, expired, or already used. Fetch a
+fresh one …"), sr25519 proof 401, client certificate 403, quote decoding 403, report_data nonce half 400
+/ cert half 403, quote signature 403, DEBUG 403, measurements 403 ("No registered measurement matches
+this host's topology x QEMU version …"), hotkey on the subnet (403 from 1.4, 401 before), unknown VM 404.
+NEVER production.
 """
 
 from __future__ import annotations
@@ -53,12 +56,43 @@ if hasattr(web, "RequestKey"):  # aiohttp ≥ 3.13 typed request storage
     _LOST: Any = web.RequestKey("lost_answer", str)
 else:  # pragma: no cover
     _FRONT, _LOST = "front", "lost_answer"
-#: §2 Guards: which fronts may carry a route (None = any). nonce and luks/confirm have their own rule.
+# The newest validator's texts (chutes-api ``api/server/util.py`` guards, ``exceptions.py`` defaults).
+#: ``require_mtls_proxy``: /boot/attestation through neither mTLS front.
+NOT_VIA_PROXY = "Request did not arrive via a trusted attestation proxy."
+#: ``require_attestation_proxy``: /luks/attest (1.3.x) through any front but the legacy attestation proxy.
+LEGACY_ONLY = ("This endpoint serves only legacy VMs, via the attestation proxy. Newer VMs provision through "
+               "POST /servers/{vm_name}/provision.")
+#: ``require_cvm_proxy``: /provision and /provision/confirm through any front but cvm.
+CVM_ONLY = "This endpoint is only accessible via the CVM mTLS proxy."
+#: ``gate_legacy_attestation``: /nonce, /luks/confirm off cvm from a server already ≥ tee_mtls_min_version.
+MUST_USE_CVM = "This VM must use the CVM mTLS proxy (cvm.chutes.ai)."
+#: ``NonceError`` (400): the boot nonce is unknown, expired, consumed, or bound to another caller/hotkey.
+NONCE_ERROR = ("Nonce is invalid, expired, or already used. Fetch a fresh one from GET /servers/nonce immediately "
+               "before attesting; nonces are single-use and short-lived.")
+#: ``NonceError`` (400) raised by ``verify_quote``: REPORTDATA[0:32] is not the expected nonce.
+QUOTE_NONCE_MISMATCH = "Quote nonce does not match expected nonce."
+#: ``NoClientCertError`` (403) as ``_get_client_certificate`` raises it (absent or unparseable).
+NO_CLIENT_CERT = "No client certificate provided"
+#: ``InvalidClientCertError`` (403): REPORTDATA[32:64] is not the presented certificate's SPKI hash.
+INVALID_CLIENT_CERT = ("The mTLS client certificate does not match the one bound to this attestation. The VM must "
+                       "present the same per-boot certificate whose hash is in the quote's report data.")
+#: ``InvalidQuoteError`` (403): the quote does not parse (or is no TDX v4/v5 quote).
+INVALID_QUOTE = ("The TDX quote could not be parsed. Check that the guest is running on TDX hardware and that the "
+                 "attestation service produced a complete quote.")
+#: ``InvalidSignatureError`` (403) as ``verify_quote_signature`` raises it.
+INVALID_QUOTE_SIGNATURE = "TDX quote signature verification failed"
+#: ``MeasurementMismatchError`` (403): no entry matches, the DCAP cross-check differs, or an rc entry the
+#: caller is not authorized for (deliberately the same text).
+MEASUREMENT_MISMATCH = ("No registered measurement matches this host's topology x QEMU version. If this hardware is "
+                        "new, run `chutes-cvm discover-profile` and submit the profile so measurements can be "
+                        "generated; otherwise check that the VM image and QEMU version are supported.")
+
+#: §2/§12.4 guards: which fronts may carry a route. nonce and luks/confirm have their own (version) rule.
 _FRONT_GUARDS: dict[str, tuple[frozenset[str], str]] = {
-    "attestation": (frozenset({"cvm", "legacy"}), "request did not come through the attestation proxy"),
-    "luks_attest": (frozenset({"legacy"}), "luks/attest is only served through the legacy attestation proxy"),
-    "provision": (frozenset({"cvm"}), "provision is only served through the cvm proxy"),
-    "provision_confirm": (frozenset({"cvm"}), "provision is only served through the cvm proxy"),
+    "attestation": (frozenset({"cvm", "legacy"}), NOT_VIA_PROXY),
+    "luks_attest": (frozenset({"legacy"}), LEGACY_ONLY),
+    "provision": (frozenset({"cvm"}), CVM_ONLY),
+    "provision_confirm": (frozenset({"cvm"}), CVM_ONLY),
 }
 _MTLS_OR_OLDER = frozenset({"nonce", "luks_confirm"})
 
@@ -195,8 +229,8 @@ async def _front_middleware(request: web.Request,
     """Provenance (only nginx talks to the app), which front, route guards, then faults."""
     req = request  # aiohttp's Middleware protocol names the parameter ``request``
     state: ValidatorState = req.app[STATE_KEY]
-    if not _hdr_is(req, nginx_mod.FRONT_AUTH_HEADER, state.front_auth):
-        return _json(403, {"detail": "request did not come through the attestation proxy"})
+    if not _hdr_is(req, nginx_mod.FRONT_AUTH_HEADER, state.front_auth):  # not through nginx at all
+        return _json(403, {"detail": NOT_VIA_PROXY})
     if _hdr_is(req, nginx_mod.CVM_AUTH_HEADER, state.cvm_auth):
         front = "cvm"
     elif _hdr_is(req, nginx_mod.PROXY_AUTH_HEADER, state.proxy_auth):
@@ -212,9 +246,8 @@ async def _front_middleware(request: web.Request,
     if route in _MTLS_OR_OLDER and front != "cvm" and state.tee_mtls_min_version is not None:
         version = state.server_versions.get(_client_ip(req))
         if version is not None and parse_version(version) >= parse_version(state.tee_mtls_min_version):
-            reason = "this server must use the mTLS proxy"
-            state.events.append({"endpoint": route, "front": front, "status": 403, "reason": reason})
-            return _json(403, {"detail": reason})
+            state.events.append({"endpoint": route, "front": front, "status": 403, "reason": MUST_USE_CVM})
+            return _json(403, {"detail": MUST_USE_CVM})
     names = [route]
     if route in ("provision_confirm", "luks_confirm"):
         names.insert(0, await _peek_confirm_target(req))
@@ -290,11 +323,13 @@ def _client_cert(req: web.Request, rec: dict[str, Any]) -> x509.Certificate:
     escaped = req.headers.get("X-Client-Cert", "")
     rec["client_verify"] = req.headers.get("X-Client-Verify")
     if not escaped:
-        raise _Refuse(401, "Client certificate required")
+        rec["client_cert_problem"] = "absent"
+        raise _Refuse(403, NO_CLIENT_CERT)
     try:
         cert = x509.load_pem_x509_certificate(unquote(escaped).encode())
     except ValueError:
-        raise _Refuse(401, "Client certificate unreadable") from None
+        rec["client_cert_problem"] = "unreadable"
+        raise _Refuse(403, NO_CLIENT_CERT) from None
     rec["client_cert"] = {"subject": cert.subject.rfc4514_string(), "key": _key_desc(cert),
                           "version": cert.version.name, "extensions": len(cert.extensions)}
     return cert
@@ -328,27 +363,30 @@ def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x50
         raw = base64.b64decode(quote_b64, validate=True)
         q = parse_quote(raw)
     except (binascii.Error, ValueError, QuoteError) as exc:
-        raise _Refuse(400, f"Invalid quote: {type(exc).__name__}") from None
+        rec["quote_problem"] = type(exc).__name__
+        raise _Refuse(403, INVALID_QUOTE) from None
     rec["quote_version"] = q.version
     if q.version not in (4, 5) or q.tee_type != 0x81 or len(raw) < 632:
-        raise _Refuse(400, "Invalid quote: not a TDX v4/v5 quote")
+        rec["quote_problem"] = "not a TDX v4/v5 quote"
+        raise _Refuse(403, INVALID_QUOTE)
     view = _V4View.of(raw)
     rec["report_data_nonce_match"] = view.report_data[:32].hex() == nonce.lower()
     rec["cert_hash_match"] = view.report_data[32:] == spki_sha256(cert)
     if not rec["report_data_nonce_match"]:
-        raise _Refuse(400, "Quote report_data does not match the nonce")
+        raise _Refuse(400, QUOTE_NONCE_MISMATCH)
     if not rec["cert_hash_match"]:
-        raise _Refuse(403, "Quote report_data does not match the client certificate")
+        raise _Refuse(403, INVALID_CLIENT_CERT)
     result = verify_quote(q, state.root_ca_pem)
     rec["quote_verified"] = result.ok
     if not result.ok:
-        failed = ",".join(c.name for c in result.checks if not c.passed)
-        raise _Refuse(403, f"Quote verification failed ({failed})")
+        rec["quote_failed_checks"] = [c.name for c in result.checks if not c.passed]  # logged, never answered
+        raise _Refuse(403, INVALID_QUOTE_SIGNATURE)
     if q.debug:
         raise _Refuse(403, "TD debug mode is enabled")
     verified = (bytes(q.mr_td), bytes(q.rtmr0), bytes(q.rtmr1), bytes(q.rtmr2), bytes(q.rtmr3))
     if verified != (view.mr_td, view.rtmr0, view.rtmr1, view.rtmr2, view.rtmr3):
-        raise _Refuse(403, "Quote measurements differ from the verified report")
+        rec["measurement_problem"] = "quote differs from the verified report"
+        raise _Refuse(403, MEASUREMENT_MISMATCH)
     rec["rtmr3_zero"] = view.rtmr3 == bytes(48)
     return view
 
@@ -357,8 +395,8 @@ def _match(state: ValidatorState, q: MeasuredQuote, rec: dict[str, Any], *, runt
     match = next((m for m in state.measurements if m.matches(q, runtime=runtime)), None)
     rec["measurement"] = match.name if match else None
     if match is None:
-        suffix = " (runtime)" if runtime else ""
-        raise _Refuse(403, f"Measurements do not match any configured measurement set{suffix}")
+        rec["measurement_problem"] = "no runtime match" if runtime else "no boot match"
+        raise _Refuse(403, MEASUREMENT_MISMATCH)
     rec.update(version=match.version, generation=match.generation)
     if state.tee_minimum_boot_version and parse_version(match.version) < parse_version(state.tee_minimum_boot_version):
         raise _Refuse(403, f"VM version {match.version} is below the minimum boot version")
@@ -437,16 +475,22 @@ async def _nonce(req: web.Request, state: ValidatorState, rec: dict[str, Any]) -
     return {"nonce": nonce, "expires_at": _expires_iso(expires)}
 
 
-def _take_boot_nonce(state: ValidatorState, req: web.Request, nonce: str, hotkey: str) -> None:
+def _take_boot_nonce(state: ValidatorState, req: web.Request, nonce: str, hotkey: str, rec: dict[str, Any]) -> None:
+    """Every refusal is the newest validator's ``NonceError`` (400, §12.5): the VM retries with a fresh nonce.
+
+    Why it was refused stays server-side, in the event (``nonce_problem``)."""
     entry = state.nonces.pop(nonce, None)  # consumed on first use, whatever happens next
     if entry is None or entry.expires < state.now():
         state.counters["boot_nonce.refused" if entry is None else "boot_nonce.expired"] += 1
-        raise _Refuse(401, "Invalid or expired nonce")
+        rec["nonce_problem"] = "unknown or used" if entry is None else "expired"
+        raise _Refuse(400, NONCE_ERROR)
     state.counters["boot_nonce.consumed"] += 1
     if entry.ip != _client_ip(req) or entry.purpose != "boot":
-        raise _Refuse(401, "Nonce was issued to a different client")
+        rec["nonce_problem"] = "issued to a different client"
+        raise _Refuse(400, NONCE_ERROR)
     if entry.hotkey is not None and entry.hotkey != hotkey:
-        raise _Refuse(401, "Nonce was issued for a different miner_hotkey")
+        rec["nonce_problem"] = "issued for a different miner_hotkey"
+        raise _Refuse(400, NONCE_ERROR)
 
 
 @_endpoint("attestation")
@@ -462,7 +506,7 @@ async def _attestation(req: web.Request, state: ValidatorState, rec: dict[str, A
     quote_b64, vm_name, hotkey = data["quote"], data["vm_name"], data["miner_hotkey"]
     nonce = req.headers.get("X-Chutes-Nonce", "")
     rec.update(nonce=nonce, vm_name=vm_name, miner_hotkey=hotkey, first_boot=first_boot)
-    _take_boot_nonce(state, req, nonce, hotkey)
+    _take_boot_nonce(state, req, nonce, hotkey, rec)
     signed = "X-Chutes-Signature" in req.headers or "X-Chutes-Hotkey" in req.headers
     if signed:
         _check_proof(req, raw, nonce, hotkey, rec)
@@ -479,7 +523,8 @@ async def _attestation(req: web.Request, state: ValidatorState, rec: dict[str, A
         if first_boot is None:
             raise _missing("body", ["first_boot"])
     if match.rc and (not signed or hotkey not in match.authorized_hotkeys):
-        raise _Refuse(403, "Release-candidate measurement requires an authorized hotkey")
+        rec["measurement_problem"] = "rc measurement, hotkey not authorized"  # answered like no match at all
+        raise _Refuse(403, MEASUREMENT_MISMATCH)
     _check_registered(state, hotkey, gen)
     vm = state.vms.get(vm_name)
     if vm is None or vm.hotkey != hotkey:

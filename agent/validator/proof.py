@@ -121,22 +121,34 @@ def ss58_decode(address: str) -> bytes:
     return payload[1:]
 
 
+def validator_ss58_problem(text: object) -> str | None:
+    """Why ``text`` is not a usable ``vm_auth_ss58`` (None: it is). The rule of :func:`is_valid_validator_ss58`.
+
+    Checked where the boot answer arrives (:func:`agent.validator.schemas.classify_generation`), before
+    any rotation, and again where ``validator-auth.env`` is written.
+    """
+    if not isinstance(text, str):
+        return f"expected text, got {type(text).__name__}"
+    if not 40 <= len(text) <= 50 or not text.startswith("5"):
+        start = "" if text.startswith("5") else ", not starting with 5"
+        return f"{len(text)} characters{start} (expected 40-50, starting with 5)"
+    if not set(text) <= _BASE58_SET:
+        return "a character outside the base58 alphabet"
+    try:
+        ss58_decode(text)
+    except SS58Error as exc:
+        return str(exc)
+    return None
+
+
 def is_valid_validator_ss58(text: str) -> bool:
     """§4.3 step 11: 40-50 characters, starts with ``5``, base58 alphabet only, and decodes as prefix 42.
 
     The shell rule alone lets a typo'd address through (the proxy would then reject every validator);
-    the decode adds the checksum. The value lands in an env file, so the alphabet check also keeps
-    shell metacharacters and newlines out.
+    the decode adds the checksum (blake2b-512 of ``"SS58PRE"`` ‖ prefix ‖ key, first 2 bytes). The value
+    lands in an env file, so the alphabet check also keeps shell metacharacters and newlines out.
     """
-    if not isinstance(text, str) or not 40 <= len(text) <= 50 or not text.startswith("5"):
-        return False
-    if not set(text) <= _BASE58_SET:
-        return False
-    try:
-        ss58_decode(text)
-    except SS58Error:
-        return False
-    return True
+    return validator_ss58_problem(text) is None
 
 
 # ── Key material ─────────────────────────────────────────────────────────────

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.log import Secret
 from agent.validator.errors import ValidatorError, ValidatorProtocolError
+from agent.validator.proof import validator_ss58_problem
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DECODER = json.JSONDecoder()
@@ -135,8 +136,6 @@ class VolumeKeyResponse:
 
 
 _HEX128 = re.compile(r"[0-9a-f]{128}")
-#: Base58 (Bitcoin alphabet), as an SS58 address uses it.
-_SS58 = re.compile(r"5[1-9A-HJ-NP-Za-km-z]{39,49}")
 GENERATION_FIELDS = {"1.4": ("root_next", "vm_auth_ss58", "root_confirm_nonce"), "1.3": ("luks_quote_nonce",),
                      "1.2": ("boot_token",)}
 
@@ -161,8 +160,11 @@ def classify_generation(resp: BootAttestationResponse, pinned: str = "auto") -> 
             raise GenerationError("field 'root_next' must be 128 lowercase hex characters")
         if not _HEX64.fullmatch(resp.root_confirm_nonce):
             raise GenerationError("field 'root_confirm_nonce' must be 64 lowercase hex characters")
-        if not _SS58.fullmatch(resp.vm_auth_ss58):
-            raise GenerationError("field 'vm_auth_ss58' is not an SS58 address (40-50 base58 characters from 5)")
+        # The full rule (shape, prefix 42, blake2b checksum) here, before the root rotation: a typo'd
+        # validator address found only at write-validator-auth would stop the boot after the rotation.
+        problem = validator_ss58_problem(resp.vm_auth_ss58)
+        if problem is not None:
+            raise GenerationError(f"field 'vm_auth_ss58' is not a valid SS58 address: {problem}")
     elif resp.luks_quote_nonce is not None:
         gen = "1.3"
     elif resp.boot_token is not None:
@@ -259,3 +261,44 @@ class LegacyVolumesResponse:
     def wipe(self) -> None:
         for s in self.passphrases.values():
             s.wipe()
+
+
+#: Per-volume ``result`` values of a confirm (reference §4.3 step 9; the validator's ``_promote``).
+CONFIRM_RESULTS = ("promoted", "discarded", "no_pending")
+
+
+@dataclass(frozen=True)
+class ConfirmResponse:
+    """``/provision/confirm`` (root or storage) and ``/luks/confirm`` answered 200:
+    ``{"status": "confirmed", "volumes": {name: {"result": "promoted|discarded|no_pending"}}}``.
+
+    Only this body proves what the validator did; a bare 200 does not (an HTML error page from a proxy,
+    an empty or partial JSON body). ``parse`` raises :class:`ValidatorProtocolError` when the body is not
+    a confirmation at all (not JSON, ``status`` not ``"confirmed"``, no ``volumes`` object). A volume
+    the body does not name, or names with a ``result`` outside :data:`CONFIRM_RESULTS`, is left out of
+    ``results``: nothing is proven for it.
+    """
+
+    results: dict[str, str]
+
+    @classmethod
+    def parse(cls, endpoint: str, body: bytes, volumes: tuple[str, ...]) -> ConfirmResponse:
+        data = parse_json_object(endpoint, body)
+        if data.get("status") != "confirmed":
+            got = data.get("status")
+            shown = repr(got)[:40] if isinstance(got, str) else ("missing" if got is None else type(got).__name__)
+            raise ValidatorProtocolError(endpoint, f"field 'status' is {shown}, expected 'confirmed'")
+        vols = data.get("volumes")
+        if not isinstance(vols, dict):
+            raise ValidatorProtocolError(endpoint, "field 'volumes' missing or not an object")
+        results: dict[str, str] = {}
+        for name in volumes:
+            entry = vols.get(name)
+            result = entry.get("result") if isinstance(entry, dict) else None
+            if isinstance(result, str) and result in CONFIRM_RESULTS:
+                results[name] = result
+        return cls(results)
+
+    def result(self, volume: str) -> str:
+        """The proven result for ``volume``, or ``"unproven"``."""
+        return self.results.get(volume, "unproven")

@@ -47,7 +47,7 @@ def mr() -> Iterator[tuple[str, MrState]]:
         yield mnt, state
 
 
-def _rootfs(tmp: Path) -> tuple[Path, Path, Path, str]:
+def _rootfs(tmp: Path, scheme: str = "1.4") -> tuple[Path, Path, Path, str]:
     root = tmp / "rootfs"
     for rel, data in {"etc/chutes/a.conf": b"a=1\n", "usr/bin/agent": os.urandom(70_000),
                       "usr/lib/x.so": b"\x7fELF" + bytes(300), "etc/hostname": b"vm\n"}.items():
@@ -55,10 +55,11 @@ def _rootfs(tmp: Path) -> tuple[Path, Path, Path, str]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     conf = tmp / "tdx-measure.conf"
-    conf.write_text("/etc\n/usr\n")
-    result = predict_entries(str(root), [b"/etc", b"/usr"])
+    conf.write_text("/etc\n/usr\n/etc/chutes/a.conf\n/etc/default/rtmr3-verify\n")  # overlap, absent path
+    result = predict_entries(str(root), [b"/etc", b"/usr", b"/etc/chutes/a.conf", b"/etc/default/rtmr3-verify"],
+                             scheme=scheme)
     manifest = tmp / "tdx-rtmr3-expected-hashes"
-    manifest.write_bytes(format_manifest(result.entries))
+    manifest.write_bytes(format_manifest(result))
     return root, conf, manifest, result.rtmr3.hex()
 
 
@@ -138,9 +139,9 @@ def _zero_rtmr3(state: MrState) -> None:
 def make_rig(tmp_path: Path, mr: tuple[str, MrState]) -> Any:
     started: list[FaithfulValidator] = []
 
-    async def factory(gen: str, *, with_seed: bool | None = None) -> GenRig:
+    async def factory(gen: str, *, with_seed: bool | None = None, scheme: str = "1.4") -> GenRig:
         mnt, state = mr
-        root, conf, manifest, rtmr3 = _rootfs(tmp_path)
+        root, conf, manifest, rtmr3 = _rootfs(tmp_path, scheme)
         from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource
 
         source = LiveRtmrQuoteSource(state, str(tmp_path / "sim"))
@@ -170,6 +171,7 @@ def make_rig(tmp_path: Path, mr: tuple[str, MrState]) -> Any:
         b = cfg.boot
         b.protocol = "auto"
         b.tdx_base_url, b.validator_base_url, b.ca_bundle = v.tdx_base_url, v.api_url, v.ca_bundle
+        b.legacy_tdx_base_url = v.legacy_tdx_base_url  # 1.3.x luks/attest: the legacy attestation proxy only
         b.config_device, b.config_mount = str(tmp_path / "config.img"), str(tmp_path / "mnt-config")
         b.root_device = str(tmp_path / "root.img")
         b.storage_device, b.tdx_cache_device = str(tmp_path / "storage.img"), str(tmp_path / "tdx-cache.img")
@@ -180,6 +182,7 @@ def make_rig(tmp_path: Path, mr: tuple[str, MrState]) -> Any:
         b.max_attempts, b.backoff_s, b.total_timeout_s, b.request_timeout_s = 3, 0.1, 60.0, 10.0
         b.format_pbkdf, b.format_pbkdf_iterations = "pbkdf2", 1000
         b.rootfs_dir, b.measure_conf, b.rtmr3_manifest = str(root), str(conf), str(manifest)
+        b.rtmr3_scheme = scheme
         b.proxy_tls_group = grp.getgrgid(os.getgid()).gr_name
         b.signing_root_key = v.signing_root_pem_path
         b.poweroff = False
@@ -233,9 +236,9 @@ async def test_14_boot_rotates_provisions_and_hands_off(rigs: Any) -> None:
         assert key is not None and cs.test_key(getattr(rig.cfg.boot, f"{label.replace('-', '_')}_device"), key)
     # hand-off files and modes (reference §7)
     assert not (run / "vm-root-ca" / "ca.key").exists() and _mode(ca_crt) == 0o644
-    # 0750 root:tdx-attest once ca.key is gone: the service (a tdx-attest member) checks its leaf against ca.crt
-    assert _mode(run / "vm-root-ca") == 0o750
-    assert (run / "vm-root-ca").stat().st_gid == grp.getgrnam(rig.cfg.boot.proxy_tls_group).gr_gid
+    # /run/chutes and vm-root-ca/ stay 0700 as the reference keeps them (§12.6): the service gets ca.crt and
+    # proxy-tls/ through its unit (TemporaryFileSystem= + BindReadOnlyPaths=), never by traversal
+    assert _mode(run) == 0o700 and _mode(run / "vm-root-ca") == 0o700
     assert _mode(run / "proxy-tls" / "server.key") == 0o640 and _mode(run / "proxy-tls") == 0o750
     assert _mode(run / "registry-tls" / "client.key") == 0o600 and _mode(run / "registry-tls" / "client.crt") == 0o644
     assert (run / "vm-name").read_text() == rig.vm + "\n" and (run / "hotkey").read_text() == rig.hotkey + "\n"
@@ -345,8 +348,9 @@ async def test_14_bad_provision_answers(rigs: Any, kind: str) -> None:
     _no_ca_key(rig)
 
 
-@pytest.mark.parametrize("status", [400, 401, 500])
+@pytest.mark.parametrize("status", [400, 401, 403])
 async def test_14_root_confirm_refused_reverts_and_fails_closed(rigs: Any, status: int) -> None:
+    """A refusal the validator states (4xx + its JSON detail); 5xx and lost answers: test_rotation_strand.py."""
     rig: GenRig = await rigs("1.4")
     rig.v.inject("root_confirm", Fault("status", status=status, times=None))
     outcome = await rig.run()
@@ -360,7 +364,7 @@ async def test_14_root_confirm_refused_reverts_and_fails_closed(rigs: Any, statu
 async def test_14_root_confirm_refused_continue_setting(rigs: Any) -> None:
     rig: GenRig = await rigs("1.4")
     rig.cfg.boot.root_confirm_failure = "continue"
-    rig.v.inject("root_confirm", Fault("status", status=500, times=1))
+    rig.v.inject("root_confirm", Fault("status", status=403, times=1))
     outcome = await rig.run()
     assert outcome.ok, outcome.reason
     assert outcome.status["root_rotation"]["active_key"] == "old"
@@ -399,10 +403,11 @@ async def test_14_without_seed_cannot_sign(rigs: Any) -> None:
 
 
 async def test_14_storage_confirm_refused_reverts_slots(rigs: Any) -> None:
-    """Reference §5: a refused storage confirm removes ``next`` again; the volumes stay on ``current``."""
+    """Reference §5: a refused storage confirm (the validator's 4xx + detail) removes ``next`` again; the
+    volumes stay on ``current``."""
     rig: GenRig = await rigs("1.4")
     assert (await rig.run()).ok  # formats the volumes
-    rig.v.inject("storage_confirm", Fault("status", status=500, times=None))
+    rig.v.inject("storage_confirm", Fault("status", status=403, times=None))
     outcome = await rig.run()
     assert outcome.ok, outcome.reason
     assert {v["outcome"] for v in outcome.status["storage"].values()} == {"reverted"}
@@ -440,6 +445,18 @@ async def test_rtmr3_manifest_mismatch_fails_before_any_extension(rigs: Any) -> 
     assert _line(rig, outcome).startswith("RTMR3-MEASURE-FAILED: ")
     assert rig.state.rtmr(3) == bytes(48)
     _no_ca_key(rig)
+
+
+@pytest.mark.parametrize("scheme,extensions", [("1.4", 5), ("next", 1)])
+async def test_boot_rtmr3_per_scheme_equals_predict(make_rig: Any, scheme: str, extensions: int) -> None:
+    rig = await make_rig("1.4", scheme=scheme)
+    predicted = predict_entries(rig.cfg.boot.rootfs_dir, [b"/etc", b"/usr", b"/etc/chutes/a.conf",
+                                                          b"/etc/default/rtmr3-verify"], scheme=scheme).rtmr3
+    outcome = await rig.run()
+    assert outcome.ok, outcome.reason
+    assert rig.state.rtmr(3) == predicted  # the register the provision quote carried, and the validator took
+    st = outcome.status["rtmr3"]
+    assert (st["scheme"], st["extensions"], st["absent"], st["value"]) == (scheme, extensions, 1, predicted.hex())
 
 
 def test_generation_classification() -> None:

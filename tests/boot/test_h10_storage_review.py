@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.boot import storage
+from agent.boot.confirm import ConfirmAnswer
 from agent.boot.cryptsetup import Cryptsetup
 from agent.boot.storage import StorageError, StorageSettings, VolumeKeys, setup_storage
 from agent.log import Secret
@@ -33,9 +35,12 @@ class Validator:
         self.answer = answer
         self.bodies: list[dict[str, object]] = []
 
-    async def __call__(self, body: dict[str, object]) -> bool:
+    async def __call__(self, body: dict[str, object]) -> ConfirmAnswer:
         self.bodies.append(body)
-        return self.answer
+        if not self.answer:
+            return ConfirmAnswer(refused=True, detail="HTTP 401 (bad nonce)")
+        vols: Any = body["volumes"]
+        return ConfirmAnswer(results={n: "promoted" if v["rotated"] else "discarded" for n, v in vols.items()})
 
     def holds(self) -> str:
         rotated = self.bodies[0]["volumes"]["storage"]["rotated"]  # type: ignore[index]

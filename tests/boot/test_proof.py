@@ -220,6 +220,30 @@ def test_is_valid_validator_ss58_requires_the_decode_not_just_the_shell_rule() -
     assert not is_valid_validator_ss58(fake)
 
 
+def test_vm_auth_ss58_checksum_refused_in_the_boot_answer() -> None:
+    """Issue 18 item 9: the boot answer's ``vm_auth_ss58`` is checked with its blake2b-512 checksum
+    (``"SS58PRE" ‖ prefix ‖ key``, first 2 bytes) where it arrives, before any rotation."""
+    from agent.validator.schemas import BootAttestationResponse, GenerationError, classify_generation
+
+    raw = base58.b58decode(ALICE_SS58)
+    flipped_raw = raw[:-1] + bytes([raw[-1] ^ 0x01])  # one checksum bit: same length, same prefix, same key
+    flipped = base58.b58encode(flipped_raw).decode()
+    assert flipped != ALICE_SS58 and len(flipped) == len(ALICE_SS58)
+    assert proof.validator_ss58_problem(ALICE_SS58) is None
+    assert proof.validator_ss58_problem(flipped) == "SS58 address checksum mismatch (typo in the address?)"
+    assert proof.validator_ss58_problem("5" + "1" * 38) == "39 characters (expected 40-50, starting with 5)"
+
+    def answer(ss58: str) -> BootAttestationResponse:
+        return BootAttestationResponse.parse(json.dumps({
+            "key": "k", "luks_quote_nonce": "cd" * 32, "root_next": "ef" * 64, "root_confirm_nonce": "01" * 32,
+            "vm_auth_ss58": ss58}).encode())
+
+    assert classify_generation(answer(ALICE_SS58)) == "1.4"
+    with pytest.raises(GenerationError, match="'vm_auth_ss58' is not a valid SS58 address: SS58 address checksum"):
+        classify_generation(answer(flipped))
+    assert GenerationError.final  # the boot stops: no retry, no rotation
+
+
 def test_check_cross() -> None:
     hk = Hotkey.from_seed_hex(ALICE_SEED)
     check_cross(hk, None)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent.boot import cryptsetup as cs_mod
+from agent.boot.confirm import ConfirmAnswer
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
 from agent.boot.rotation import RotationError, clear_first_boot, is_first_boot, rotate_root
 from agent.log import Secret
@@ -40,13 +41,20 @@ def root(tmp_path: Path) -> str:
     return path
 
 
-def confirm_with(result: bool | Exception, seen: list[str] | None = None) -> Any:
-    async def confirm() -> bool:
+#: The validator's confirmation (True) and a refusal it states (False), as agent.boot.confirm reads them.
+PROMOTED = ConfirmAnswer(results={"root": "promoted"})
+REFUSED = ConfirmAnswer(refused=True, detail="POST /servers/{vm}/provision/confirm: HTTP 401 (Invalid nonce)")
+
+
+def confirm_with(result: bool | Exception | ConfirmAnswer, seen: list[str] | None = None) -> Any:
+    async def confirm() -> ConfirmAnswer:
         if seen is not None:
             seen.append("confirm")
         if isinstance(result, Exception):
             raise result
-        return result
+        if isinstance(result, ConfirmAnswer):
+            return result
+        return PROMOTED if result else REFUSED
     return confirm
 
 
@@ -170,12 +178,17 @@ FAULTS = [
     (None, 0, False, False, "continue", None, {"old"}),
     (None, 0, False, False, "poweroff", "confirm", {"old"}),
     (None, 0, False, True, "poweroff", None, {"new"}),
+    # issue 18 item 9: answers that prove neither a promotion nor a refusal keep both keys, whatever the policy
+    (None, 0, False, ConfirmAnswer(), "continue", "confirm", {"old", "new"}),
+    (None, 0, False, ConfirmAnswer(results={"root": "discarded"}), "continue", "confirm", {"old", "new"}),
+    (None, 0, False, ConfirmAnswer(results={"root": "no_pending"}), "poweroff", "confirm", {"old", "new"}),
+    (None, 0, False, ConfirmAnswer(results={"storage": "promoted"}), "continue", "confirm", {"old", "new"}),
 ]
 
 
 @pytest.mark.parametrize(("fault", "nth", "after", "confirmed", "policy", "step", "keys"), FAULTS)
 async def test_every_failure_point_leaves_an_openable_disk(
-    tmp_path: Path, fault: str | None, nth: int, after: bool, confirmed: bool | Exception, policy: str,
+    tmp_path: Path, fault: str | None, nth: int, after: bool, confirmed: bool | Exception | ConfirmAnswer, policy: str,
     step: str | None, keys: set[str],
 ) -> None:
     dev = str(tmp_path / "root.img")

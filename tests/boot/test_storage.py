@@ -16,6 +16,7 @@ import yaml
 
 from agent import config
 from agent.boot import blockdev, storage
+from agent.boot.confirm import ConfirmAnswer
 from agent.boot.cryptsetup import Cryptsetup, CryptsetupError
 from agent.boot.storage import StorageError, StorageSettings, VolumeKeys, setup_storage
 from agent.log import Secret
@@ -62,16 +63,26 @@ def rotating() -> dict[str, VolumeKeys]:
     return {lbl: VolumeKeys(Secret(CUR[lbl]), Secret(NXT[lbl])) for lbl in ("storage", "tdx-cache")}
 
 
+def confirmation(body: dict[str, object]) -> ConfirmAnswer:
+    """What the validator's confirmation says for ``body`` (its ``_promote``: rotated → promoted, else discarded)."""
+    vols: Any = body["volumes"]
+    return ConfirmAnswer(results={n: "promoted" if v["rotated"] else "discarded" for n, v in vols.items()})
+
+
 class Confirm:
-    def __init__(self, result: bool | Exception) -> None:
+    """True: the validator's confirmation; False: a refusal it states; an answer or exception as given."""
+
+    def __init__(self, result: bool | Exception | ConfirmAnswer) -> None:
         self.result = result
         self.bodies: list[dict[str, object]] = []
 
-    async def __call__(self, body: dict[str, object]) -> bool:
+    async def __call__(self, body: dict[str, object]) -> ConfirmAnswer:
         self.bodies.append(body)
         if isinstance(self.result, Exception):
             raise self.result
-        return self.result
+        if isinstance(self.result, ConfirmAnswer):
+            return self.result
+        return confirmation(body) if self.result else ConfirmAnswer(refused=True, detail="HTTP 401 (bad nonce)")
 
 
 # -- 1.4.0 rotation ------------------------------------------------------------------------------

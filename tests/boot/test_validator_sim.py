@@ -17,6 +17,7 @@ from agent.evidence.report_data import build_report_data
 from agent.sim.luks_image import random_hotkey
 from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import FaithfulValidator, Fault
+from agent.sim.validator_routes import INVALID_CLIENT_CERT, INVALID_QUOTE, NO_CLIENT_CERT, NONCE_ERROR
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,8 @@ async def test_happy_then_reuse(v: FaithfulValidator, sim_source: SimulatedQuote
         status, body = await _attest(s, v, n, q, "vm1", hk)
         assert status == 200 and body["key"] == key.reveal().decode() and len(body["boot_token"]) == 64
         status, body = await _attest(s, v, n, q, "vm1", hk)
-        assert (status, body["detail"]) == (401, "Invalid or expired nonce")
+        assert (status, body["detail"]) == (400, NONCE_ERROR)  # §12.5: fetch a fresh one
+        assert v.attestations()[-1]["nonce_problem"] == "unknown or used"
 
 
 async def test_nonce_bound_to_ip_and_hotkey(v: FaithfulValidator, sim_source: SimulatedQuoteSource) -> None:
@@ -69,17 +71,19 @@ async def test_nonce_bound_to_ip_and_hotkey(v: FaithfulValidator, sim_source: Si
     async with _session(v, ident) as s, _session(v, ident, local_ip="127.0.0.2") as other_ip:
         n = await _nonce(s, v, hk)
         q = sim_source.get_quote(build_report_data(n, ident.cert))
-        expect = (401, {"detail": "Nonce was issued to a different client"})
-        assert await _attest(other_ip, v, n, q, "vm1", hk) == expect
+        assert await _attest(other_ip, v, n, q, "vm1", hk) == (400, {"detail": NONCE_ERROR})
+        assert v.attestations()[-1]["nonce_problem"] == "issued to a different client"
         n = await _nonce(s, v, hk)
         q = sim_source.get_quote(build_report_data(n, ident.cert))
         other_hk = random_hotkey()
         status, body = await _attest(s, v, n, q, "vm1", other_hk)
-        assert (status, body["detail"]) == (401, "Nonce was issued for a different miner_hotkey")
+        assert (status, body["detail"]) == (400, NONCE_ERROR)
+        assert v.attestations()[-1]["nonce_problem"] == "issued for a different miner_hotkey"
         n = await _nonce(s, v, hk)
         v.state.nonces[n].expires = 0
         q = sim_source.get_quote(build_report_data(n, ident.cert))
-        assert (await _attest(s, v, n, q, "vm1", hk))[0] == 401
+        assert await _attest(s, v, n, q, "vm1", hk) == (400, {"detail": NONCE_ERROR})
+        assert v.attestations()[-1]["nonce_problem"] == "expired"
 
 
 async def test_client_cert_comes_from_tls_not_from_headers(
@@ -93,12 +97,12 @@ async def test_client_cert_comes_from_tls_not_from_headers(
             n = (await r.json())["nonce"]
         assert v.events[-1]["client_cert"] is False  # nginx replaced the spoofed header
         q = sim_source.get_quote(build_report_data(n, ident.cert))
-        assert await _attest(nocert, v, n, q, "vm1", hk, spoof) == (401, {"detail": "Client certificate required"})
+        assert await _attest(nocert, v, n, q, "vm1", hk, spoof) == (403, {"detail": NO_CLIENT_CERT})
     async with _session(v, other) as s:  # TLS with one cert, quote bound to another
         n = await _nonce(s, v, hk)
         q = sim_source.get_quote(build_report_data(n, ident.cert))
         status, body = await _attest(s, v, n, q, "vm1", hk)
-        assert (status, body["detail"]) == (403, "Quote report_data does not match the client certificate")
+        assert (status, body["detail"]) == (403, INVALID_CLIENT_CERT)
         assert v.attestations()[-1]["cert_hash_match"] is False
 
 
@@ -112,7 +116,8 @@ async def test_bad_bodies(v: FaithfulValidator) -> None:
         hk = random_hotkey()
         n = await _nonce(s, v, hk)
         status, body = await _attest(s, v, n, b"\x04\x00short", "vm", hk)
-        assert status == 400 and body["detail"].startswith("Invalid quote")
+        assert (status, body["detail"]) == (403, INVALID_QUOTE)
+        assert v.attestations()[-1]["quote_problem"] == "QuoteError"
 
 
 async def test_volume_keys_need_the_boot_token(v: FaithfulValidator, sim_source: SimulatedQuoteSource) -> None:

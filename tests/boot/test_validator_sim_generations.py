@@ -25,6 +25,16 @@ from cryptography.x509.oid import NameOID
 from agent.evidence.report_data import build_report_data
 from agent.sim.quote_sim import SimulatedQuoteSource
 from agent.sim.validator import FaithfulValidator, Fault, MeasurementSet, simulated_measurement
+from agent.sim.validator_routes import (
+    CVM_ONLY,
+    INVALID_CLIENT_CERT,
+    LEGACY_ONLY,
+    MEASUREMENT_MISMATCH,
+    MUST_USE_CVM,
+    NONCE_ERROR,
+    NOT_VIA_PROXY,
+    QUOTE_NONCE_MISMATCH,
+)
 from agent.validator.proof import Hotkey, proof_headers, ss58_decode
 
 pytestmark = pytest.mark.integration
@@ -199,7 +209,7 @@ async def test_v12_boot_is_refused_on_the_public_api_front(make_rig: RigFactory)
     r = await make_rig("1.2")
     async with session(r.v, r.ident) as s:
         status, body = await r.boot(s, r.v.api_url, sign=False, first_boot=None)
-    assert (status, body["detail"]) == (403, "request did not come through the attestation proxy")
+    assert (status, body["detail"]) == (403, NOT_VIA_PROXY)
 
 
 async def test_boot_nonce_and_boot_token_ttls(make_rig: RigFactory) -> None:
@@ -215,7 +225,7 @@ async def test_boot_nonce_and_boot_token_ttls(make_rig: RigFactory) -> None:
         v.advance(601)
         body = r.boot_body(nonce, first_boot=None)
         status, resp = await call(s, "POST", f"{v.url}/servers/boot/attestation", body, {"X-Chutes-Nonce": nonce})
-        assert (status, resp["detail"]) == (401, "Invalid or expired nonce")
+        assert (status, resp["detail"]) == (400, NONCE_ERROR)
         status, resp = await call(s, "POST", f"{v.url}/servers/{VM}/luks", compact({"volumes": ["storage"]}),
                                   {"X-Chutes-Hotkey": r.ss58, "X-Boot-Token": boot["boot_token"]})
         assert (status, resp["detail"]) == (401, "Invalid or expired boot token")  # 1200 s after it was issued
@@ -242,7 +252,8 @@ async def test_v13_full_flow_and_second_boot(make_rig: RigFactory) -> None:
         # a boot quote (RTMR3 = 0) is not the runtime measurement
         status, resp = await call(s, "POST", f"{v.url}/servers/{VM}/luks/attest",
                                   r.volume_body(lqn, quote_src=r.boot_q), hdrs)
-        assert (status, resp["detail"]) == (403, "Measurements do not match any configured measurement set (runtime)")
+        assert (status, resp["detail"]) == (403, MEASUREMENT_MISMATCH)
+        assert v.calls("luks_attest")[-1]["measurement_problem"] == "no runtime match"
         # the nonce was consumed by that call: a fresh boot gives a fresh one
         status, resp = await call(s, "POST", f"{v.url}/servers/{VM}/luks/attest", r.volume_body(lqn), hdrs)
         assert (status, resp["detail"]) == (401, "Invalid or expired quote nonce")
@@ -250,7 +261,7 @@ async def test_v13_full_flow_and_second_boot(make_rig: RigFactory) -> None:
         lqn = boot["luks_quote_nonce"]
         hdrs["X-Quote-Nonce"] = lqn
         status, resp = await call(s, "POST", f"{v.cvm_url}/servers/{VM}/luks/attest", r.volume_body(lqn), hdrs)
-        assert (status, resp["detail"]) == (403, "luks/attest is only served through the legacy attestation proxy")
+        assert (status, resp["detail"]) == (403, LEGACY_ONLY)
         status, resp = await call(s, "POST", f"{v.url}/servers/{VM}/luks/attest", r.volume_body(lqn), hdrs)
         assert status == 200, resp
         assert set(resp) == {"volumes", "confirm_nonce", "k3s_encryption_key"}
@@ -369,9 +380,9 @@ async def test_v14_provision_checks(make_rig: RigFactory) -> None:
         _, boot = await r.boot(s, v.cvm_url)
         lqn = boot["luks_quote_nonce"]
         status, body = await r.provision(s, lqn, base=v.url)  # legacy proxy front
-        assert (status, body["detail"]) == (403, "provision is only served through the cvm proxy")
+        assert (status, body["detail"]) == (403, CVM_ONLY)
         status, body = await r.provision(s, lqn, body=r.volume_body(lqn, cert=other_ident.cert))
-        assert (status, body["detail"]) == (403, "Quote report_data does not match the client certificate")
+        assert (status, body["detail"]) == (403, INVALID_CLIENT_CERT)
         assert v.stored_ca(VM) is None
         # the quote nonce is single use: the failed call above consumed it
         status, body = await r.provision(s, lqn)
@@ -438,7 +449,7 @@ async def test_generation_endpoints_are_not_crossed(make_rig: RigFactory) -> Non
         confirm = compact({"volumes": {"storage": {"rotated": True}}})
         hdrs = {"X-Confirm-Nonce": boot["root_confirm_nonce"], "X-Chutes-Hotkey": r.ss58}
         status, body = await call(s, "POST", f"{r.v.api_url}/servers/{VM}/luks/confirm", confirm, hdrs)
-        assert (status, body["detail"]) == (403, "this server must use the mTLS proxy")
+        assert (status, body["detail"]) == (403, MUST_USE_CVM)
         status, body = await call(s, "POST", f"{r.v.cvm_url}/servers/{VM}/luks/confirm", confirm, hdrs)
         assert status == 403 and "not served to this VM's generation (1.4)" in body["detail"]
 
@@ -498,12 +509,12 @@ async def test_fronts_strip_spoofed_provenance_and_enforce_mtls_for_newer_server
     async with session(v) as api, session(v, r.ident) as s:
         # even knowing the secret, a header sent through the api front is replaced by nginx
         status, body = await call(api, "POST", f"{v.api_url}/servers/{VM}/provision", compact({}), spoof)
-        assert (status, body["detail"]) == (403, "provision is only served through the cvm proxy")
+        assert (status, body["detail"]) == (403, CVM_ONLY)
         assert v.state.tee_mtls_min_version == "1.4.0"  # the default
         assert (await call(api, "GET", f"{v.api_url}/servers/nonce"))[0] == 200  # not yet a known server
         assert (await r.boot(s, v.cvm_url))[0] == 200
         status, body = await call(api, "GET", f"{v.api_url}/servers/nonce")
-        assert (status, body["detail"]) == (403, "this server must use the mTLS proxy")
+        assert (status, body["detail"]) == (403, MUST_USE_CVM)
         assert (await call(s, "GET", f"{v.cvm_url}/servers/nonce"))[0] == 200
         status, body = await call(api, "GET", f"{v.api_url}/servers/nope/unknown")
         assert (status, body) == (404, {"detail": "Not Found"})
@@ -608,7 +619,7 @@ async def test_v5_quote_is_read_at_v4_offsets_and_refused(make_rig: RigFactory) 
                         "first_boot": True})
         status, resp = await call(s, "POST", f"{r.v.cvm_url}/servers/boot/attestation", body,
                                   {"X-Chutes-Nonce": nonce, **proof_headers(r.hotkey, nonce, body)})
-    assert (status, resp["detail"]) == (400, "Quote report_data does not match the nonce")
+    assert (status, resp["detail"]) == (400, QUOTE_NONCE_MISMATCH)
     assert r.v.attestations()[-1]["quote_version"] == 5
 
 
@@ -620,7 +631,8 @@ async def test_rc_blacklist_unknown_vm_and_missing_headers(make_rig: RigFactory)
                                              rc=True, authorized_hotkeys=("5Someoneelse",))
     async with session(v, r.ident) as s:
         status, body = await r.boot(s, v.cvm_url)
-        assert (status, body["detail"]) == (403, "Release-candidate measurement requires an authorized hotkey")
+        assert (status, body["detail"]) == (403, MEASUREMENT_MISMATCH)  # indistinguishable from no match
+        assert v.attestations()[-1]["measurement_problem"] == "rc measurement, hotkey not authorized"
         v.state.measurements[0].authorized_hotkeys = (r.ss58,)
         assert (await r.boot(s, v.cvm_url))[0] == 200
         v.state.blacklisted_hotkeys.add(r.ss58)

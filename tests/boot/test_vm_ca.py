@@ -77,11 +77,31 @@ def test_write_ca_files_and_modes(ca: ClientIdentity, tmp_path: Path) -> None:
     d = tmp_path / "chutes" / "vm-root-ca"
     vm_ca.write_ca(ca, d)
     assert _mode(d.parent) == 0o700 and _mode(d) == 0o700
-    assert _mode(d / "ca.key") == 0o600 and _mode(d / "ca.crt") == 0o644
+    assert _mode(d / "ca.crt") == 0o644
     assert x509.load_pem_x509_certificate((d / "ca.crt").read_bytes()) == ca.cert
-    key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
-    assert key.public_key().public_numbers() == ca.key.public_key().public_numbers()  # type: ignore[union-attr]
-    assert sorted(os.listdir(d)) == ["ca.crt", "ca.key"]  # no temp files left behind
+    # issue 18 item 9: the private key is never written (the leaves are signed from memory), no temp files
+    assert sorted(os.listdir(d)) == ["ca.crt"]
+    assert b"PRIVATE KEY" not in (d / "ca.crt").read_bytes()
+
+
+def test_write_ca_shreds_a_stale_key_and_leaves_sign_without_any_key_file(ca: ClientIdentity,
+                                                                          tmp_path: Path) -> None:
+    run = tmp_path / "chutes"
+    d = run / "vm-root-ca"
+    d.mkdir(parents=True, mode=0o700)
+    (d / "ca.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nstale\n")
+    (d / "ca.srl").write_text("02\n")
+    os.link(d / "ca.key", tmp_path / "inode-witness")
+    vm_ca.write_ca(ca, d)
+    assert sorted(os.listdir(d)) == ["ca.crt"]
+    witness = (tmp_path / "inode-witness").read_bytes()
+    assert witness == bytes(len(witness))  # overwritten, not only unlinked
+    out = vm_ca.sign_leaves(ca, run, os.getgid(), owner_uid=os.getuid())
+    assert not (d / "ca.key").exists()
+    ca_cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    for crt in (out.proxy_dir / "server.crt", out.registry_dir / "client.crt"):
+        x509.load_pem_x509_certificate(crt.read_bytes()).verify_directly_issued_by(ca_cert)
+    assert vm_ca.delete_ca_key(d) == []  # nothing to delete: there never was a key file
 
 
 def test_write_ca_refuses_a_symlinked_directory(ca: ClientIdentity, tmp_path: Path) -> None:
@@ -95,6 +115,7 @@ def test_write_ca_refuses_a_symlinked_directory(ca: ClientIdentity, tmp_path: Pa
 def test_delete_ca_key_overwrites_removes_and_is_idempotent(ca: ClientIdentity, tmp_path: Path) -> None:
     d = tmp_path / "vm-root-ca"
     vm_ca.write_ca(ca, d)
+    _plant_key(ca, d)
     (d / "ca.srl").write_text("02\n")
     # keep a second link to the key's inode: it shows the bytes were overwritten before the unlink
     os.link(d / "ca.key", tmp_path / "inode-witness")
@@ -107,24 +128,33 @@ def test_delete_ca_key_overwrites_removes_and_is_idempotent(ca: ClientIdentity, 
     assert vm_ca.delete_ca_key(tmp_path / "never-created") == []
 
 
-def test_share_ca_dir_only_without_key(ca: ClientIdentity, tmp_path: Path) -> None:
-    """The service (tdx-attest member) must read ca.crt after the hand-off; never while ca.key exists."""
+def test_ca_dir_stays_private(ca: ClientIdentity, tmp_path: Path) -> None:
+    """vm-root-ca/ is 0700 and stays so once ca.key is gone (reference §7, §12.6): the service reads ca.crt
+    through its unit's BindReadOnlyPaths=, never through the directory's mode."""
     d = tmp_path / "vm-root-ca"
     vm_ca.write_ca(ca, d)
-    gid = os.getgid()
-    with pytest.raises(vm_ca.VMCAError, match=r"ca\.key still present"):
-        vm_ca.share_ca_dir(d, gid, owner_uid=os.getuid())
-    assert _mode(d) == 0o700
+    assert _mode(d) == 0o700 and _mode(d / "ca.crt") == 0o644
     vm_ca.delete_ca_key(d)
-    vm_ca.share_ca_dir(d, gid, owner_uid=os.getuid())
-    assert _mode(d) == 0o750 and os.stat(d).st_gid == gid and _mode(d / "ca.crt") == 0o644
+    assert _mode(d) == 0o700 and sorted(os.listdir(d)) == ["ca.crt"]
 
 
 def test_remove_ca_removes_every_ca_file(ca: ClientIdentity, tmp_path: Path) -> None:
     d = tmp_path / "vm-root-ca"
     vm_ca.write_ca(ca, d)
+    assert vm_ca.remove_ca(d) == ["ca.crt"]
+    assert os.listdir(d) == []
+    vm_ca.write_ca(ca, d)
+    _plant_key(ca, d)
     assert sorted(vm_ca.remove_ca(d)) == ["ca.crt", "ca.key"]
     assert os.listdir(d) == []
+
+
+def _plant_key(ca: ClientIdentity, d: Path) -> None:
+    """A ``ca.key`` as sek8s (or an older agent) writes it: the agent itself never does."""
+    pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    (d / "ca.key").write_bytes(pem)
+    os.chmod(d / "ca.key", 0o600)
 
 
 def test_proxy_leaf_fields(ca: ClientIdentity, leaves: vm_ca.Leaves) -> None:
