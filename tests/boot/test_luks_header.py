@@ -158,3 +158,52 @@ def test_is_luks_distinguishes_not_luks_from_device_errors(tmp_path) -> None:
     assert cs.is_luks(str(plain)) is False
     with pytest.raises(CryptsetupError):
         cs.is_luks(str(tmp_path / "missing.img"))
+
+
+# --- the captured headers (tests/data/luks2-headers/) through this machine's cryptsetup ------------------------
+
+from agent.boot.volumes import validate_header_copy  # noqa: E402
+from tests.boot.test_luks_header_captured import ACCEPT, CASES, DECISION_IDS, DECISIONS, captured  # noqa: E402
+
+
+def _as_header_file(name: str, tmp_path: Path) -> Path:
+    """The capture zero-padded to the header + keyslot areas its metadata declares (16 MiB when it has none)."""
+    meta = CASES[name]["luksdump"]
+    size = 16 * 1024 * 1024
+    if meta is not None:
+        size = 2 * (int(meta["config"]["json_size"]) + 4096) + int(meta["config"]["keyslots_size"])
+    data = captured(name)
+    path = tmp_path / f"{name}.hdr"
+    path.write_bytes(data + bytes(max(0, size - len(data))))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_captured_header_dumps_as_recorded(tmp_path: Path, name: str) -> None:
+    """This cryptsetup reads each capture as the one that made it did (cases.json), or refuses it as that did."""
+    from agent.boot.cryptsetup import CryptsetupError
+
+    path = _as_header_file(name, tmp_path)
+    if CASES[name]["luksdump"] is None:
+        with pytest.raises(CryptsetupError):
+            Cryptsetup().dump_json(str(path))
+    else:
+        assert Cryptsetup().dump_json(str(path)) == CASES[name]["luksdump"]
+
+
+@pytest.mark.parametrize(("name", "policy", "decision"), DECISIONS, ids=DECISION_IDS)
+def test_captured_header_decision_on_the_real_path(tmp_path: Path, name: str, policy: dict[str, Any],
+                                                   decision: str) -> None:
+    """The agent's own path (validate_header_copy: binary header + real luksDump) decides as the unit tier says;
+    a header this cryptsetup cannot load is refused before the policy (as the unit tier's binary check or, for the
+    JSON cryptsetup rejects, the policy alone, would)."""
+    path = _as_header_file(name, tmp_path)
+    try:
+        validate_header_copy(Cryptsetup(), str(path), **policy)
+        got = ACCEPT
+    except LuksHeaderError as exc:
+        got = str(exc)
+    if CASES[name]["luksdump"] is None:
+        assert got.startswith("luksDump of the header copy failed: ")
+    else:
+        assert got == decision
