@@ -448,8 +448,8 @@ async def test_rtmr3_manifest_mismatch_fails_before_any_extension(rigs: Any) -> 
 
 
 @pytest.mark.parametrize("scheme,extensions", [("1.4", 5), ("next", 1)])
-async def test_boot_rtmr3_per_scheme_equals_predict(make_rig: Any, scheme: str, extensions: int) -> None:
-    rig = await make_rig("1.4", scheme=scheme)
+async def test_boot_rtmr3_per_scheme_equals_predict(rigs: Any, scheme: str, extensions: int) -> None:
+    rig = await rigs("1.4", scheme=scheme)
     predicted = predict_entries(rig.cfg.boot.rootfs_dir, [b"/etc", b"/usr", b"/etc/chutes/a.conf",
                                                           b"/etc/default/rtmr3-verify"], scheme=scheme).rtmr3
     outcome = await rig.run()
