@@ -77,10 +77,32 @@ CVM_PORT = VALIDATOR_PORT + 1
 API_PORT = VALIDATOR_PORT + 2
 #: 1.4.0 runs: the miner seed on the config volume (RFC 8032 test 1 secret; sr25519-expanded by the agent).
 MINER_SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
-#: 1.4.0 runs: what the RTMR3 rootfs chain measures on the stage-1 root (busybox, its libraries, init).
-STAGE1_MEASURED = ("/sbin", "/usr")
-#: 1.4.0 runs: what the RTMR3 rootfs chain measures on the stage-2 (Debian) root.
-STAGE2_MEASURED = ("/etc",)
+#: 1.4.0 runs: the stage-1 root's measured-path list (/etc/tdx-measure.conf), shaped like Chutes' own
+#: (chutes-vm-generations.md §12.1): comments, overlapping entries (a directory and a file or directory under
+#: it again: measured twice on 1.4.0), paths absent on purpose (their reappearance changes RTMR3).
+STAGE1_MEASURE_CONF = """\
+# /etc/tdx-measure.conf: what the RTMR3 rootfs chain measures (test image, shaped like Chutes' 1.4.0 list)
+/sbin
+/sbin/init        # named again under /sbin: extended twice
+/usr/bin          # busybox (the applets are symlinks: not measured)
+/usr
+/marker
+
+# absent on purpose, as in Chutes' list: their reappearance would change RTMR3
+/etc/default/rtmr3-verify
+/etc/ld.so.preload
+"""
+#: 1.4.0 runs: the stage-2 (Debian) root's measured-path list.
+STAGE2_MEASURE_CONF = """\
+# /etc/tdx-measure.conf (test image): the Debian root's configuration, the agent's unit among it
+/etc
+/etc/hostname      # again: extended twice
+/etc/chutes-attest # a directory under /etc, again
+/marker
+/etc/default/rtmr3-verify   # absent on purpose
+"""
+#: The independent stand-in for Chutes' manifest generator (tests/vm; stdlib only, not the agent's code).
+ROOTFS_MANIFEST_SCRIPT = REPO / "tests/vm/chutes_rootfs_manifest.py"
 #: In the 1.4.0 test initramfs: where guest_emulators.py mounts the configfs-tsm and RTMR emulators.
 EMU_BASE = "/run/tdx-emu"
 
@@ -225,10 +247,13 @@ def tls() -> Path:
 
 
 def agent_toml_stage1(**boot: object) -> str:
-    """The agent config baked into the test initramfs (quote source explicitly simulated)."""
+    """The agent config baked into the test initramfs (quote source explicitly simulated). Pinned to the ≤1.2
+    generation the stage-1/2 roots are registered for: the image then needs no RTMR3 list, manifest or
+    signing root (the hook requires exactly what the pinned generation reads)."""
     settings = {
         "validator_url": VALIDATOR_URL,
-        "ca_bundle": "/etc/chutes-attest/validator-ca.pem",
+        "protocol": "1.2",
+        "ca_bundle": VALIDATOR_CA_PATH,
         "network": "static",
         "root_device": "/dev/vda",
         "root_mapper": "root",
@@ -260,30 +285,38 @@ def agent_toml_stage1(**boot: object) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Where the test configs put the validator's CA bundle (boot.ca_bundle): a file of the image root.
+VALIDATOR_CA_PATH = "/etc/chutes-attest/validator-ca.pem"
+
+
 def initramfs(
-    agent_toml: str, with_agent: bool = True, *, extra_files: dict[str, bytes] | None = None, emulators: bool = False
+    agent_toml: str, with_agent: bool = True, *, root_files: dict[str, bytes] | None = None, emulators: bool = False
 ) -> Path:
     """The test initramfs (``initrd.img`` in the returned dir): the built package installed into the Debian
     root, the hook enabled in its /etc/initramfs-tools/chutes-attest.conf, ``update-initramfs -c`` in that
     root (what an image builder does). The boot generation/protocol under test travels in ``agent_toml``
     (see :func:`agent_toml_stage1`, :func:`agent_toml_v14`), so another generation is another cached image.
-    ``extra_files`` (image path → bytes) are baked in too; ``emulators`` adds the test-only FUSE emulators
-    of configfs-tsm and the RTMR sysfs (tests/vm/guest_emulators.py, started from init-top).
+    ``root_files`` (path → bytes) are written into that root, as an image build provides them (the validator
+    CA bundle at :data:`VALIDATOR_CA_PATH` always): the hook copies what the baked config needs from there.
+    The extra tree holds test-only additions alone: the simulated quote PKI and, with ``emulators``, the
+    FUSE emulators of configfs-tsm and the RTMR sysfs (tests/vm/guest_emulators.py, started from init-top).
     The directory also holds ``tdx-attest.gid``: the group's gid in the root the image was built from."""
     sim, certs = sim_state(), tls()
     deb = package()
-    extra = sorted((extra_files or {}).items())
-    extra_key = json.dumps([(k, hashlib.sha256(v).hexdigest()) for k, v in extra])
+    files = sorted((root_files or {}).items())
+    files_key = json.dumps([(k, hashlib.sha256(v).hexdigest()) for k, v in files])
     emu_files = [EMULATOR_INIT_TOP, EMULATOR_INIT_BOTTOM, REPO / "tests/vm/guest_emulators.py", _fusepy(), _LIBFUSE]
     emu_key = emu_files if emulators else []
     key = digest(agent_toml, sim, certs / "ca.pem", with_agent, deb.parent.name, debian_base().parent.name,
-                 kernel_version(), SOURCE_DATE_EPOCH, extra_key, *emu_key)
+                 kernel_version(), SOURCE_DATE_EPOCH, files_key, *emu_key)
 
     def build(out: Path) -> None:
         build_initramfs(out / "initrd.img", agent_toml, with_agent, out / "work", deb=deb,
-                        extra_files=dict(extra), emulators=emulators)
+                        root_files=dict(files), emulators=emulators)
 
-    return cached("initramfs" if with_agent else "initramfs-plain", key, build) / "initrd.img"
+    # keep 4: a session uses three agent images at once (≤1.2, 1.4.0 for root1, 1.4.0 for root2); with keep=2 the
+    # third build pruned the first while a session fixture still held its path
+    return cached("initramfs" if with_agent else "initramfs-plain", key, build, keep=4) / "initrd.img"
 
 
 def build_initramfs(
@@ -294,47 +327,78 @@ def build_initramfs(
     cwd: Path | None = None,
     epoch: int | None = None,
     deb: Path | None = None,
-    extra_files: dict[str, bytes] | None = None,
+    root_files: dict[str, bytes] | None = None,
     emulators: bool = False,
+    sim: bool = True,
 ) -> None:
     """Uncached: install the package (``deb``, default :func:`package`) into a fresh root under ``work`` and
     build ``dest`` with update-initramfs there (``cwd``: the directory it runs from; ``epoch``:
-    SOURCE_DATE_EPOCH; ``extra_files``/``emulators``: see :func:`initramfs`)."""
+    SOURCE_DATE_EPOCH; the rest: :func:`configure_initramfs_tree`)."""
     tree = work / "root"
     installed_tree(tree, deb)
     try:
-        vm = tree / "root/vm-initramfs"
-        (vm / "extra/etc/chutes-attest").mkdir(parents=True)
-        shutil.copytree(sim_state(), vm / "extra/etc/chutes-attest/sim")
-        shutil.copy2(tls() / "ca.pem", vm / "extra/etc/chutes-attest/validator-ca.pem")
-        (vm / "agent.toml").write_text(agent_toml)
-        for rel, data in (extra_files or {}).items():
-            f = vm / "extra" / rel.lstrip("/")
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_bytes(data)
+        configure_initramfs_tree(tree, agent_toml, with_agent, root_files, emulators=emulators, sim=sim)
+        update_initramfs(tree, dest, cwd=cwd, epoch=epoch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def configure_initramfs_tree(
+    tree: Path, agent_toml: str, with_agent: bool = True, root_files: dict[str, bytes] | None = None, *,
+    emulators: bool = False, sim: bool = True, conf_extra: dict[str, str] | None = None,
+) -> None:
+    """An installed root (:func:`installed_tree`) made ready for update-initramfs, as an image build does it:
+    ``root_files`` (path → bytes; the validator CA bundle at :data:`VALIDATOR_CA_PATH` always) written into
+    the root, the hook enabled in its /etc/initramfs-tools/chutes-attest.conf with ``agent_toml`` baked.
+    ``sim``: the test-only extras (the simulated quote PKI, agent/sim and, with ``emulators``, the FUSE
+    emulators) through CHUTES_ATTEST_EXTRA_TREE; ``sim=False``: no extra tree at all. ``conf_extra``: more
+    lines for chutes-attest.conf (they come last, so they win)."""
+    vm = tree / "root/vm-initramfs"
+    vm.mkdir(parents=True, exist_ok=True)
+    (vm / "agent.toml").write_text(agent_toml)
+    files = {VALIDATOR_CA_PATH: (tls() / "ca.pem").read_bytes(), **(root_files or {})}
+    for path, data in files.items():  # what the image build puts into its root
+        f = tree / path.lstrip("/")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    settings = {
+        "CHUTES_ATTEST_INITRAMFS": "yes" if with_agent else "no",
+        "CHUTES_ATTEST_AGENT_TOML": "/root/vm-initramfs/agent.toml",
+    }
+    if sim:  # test-only extras: the simulated quote PKI (the emulators' too), the emulators themselves
+        (vm / "extra/etc/chutes-attest").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(sim_state(), vm / "extra/etc/chutes-attest/sim", dirs_exist_ok=True)
         if emulators:
             _add_emulators(tree, vm / "extra")
-        conf = tree / "etc/initramfs-tools/chutes-attest.conf"
-        settings = {
-            "CHUTES_ATTEST_INITRAMFS": "yes" if with_agent else "no",
-            "CHUTES_ATTEST_AGENT_TOML": "/root/vm-initramfs/agent.toml",
-            "CHUTES_ATTEST_EXTRA_TREE": "/root/vm-initramfs/extra",
-            "CHUTES_ATTEST_WITH_SIM": "yes",
-        }
-        conf.write_text(conf.read_text() + "".join(f"{k}={v}\n" for k, v in settings.items()))
-        kver = kernel_version()
-        shutil.copy2(f"/boot/config-{kver}", tree / "boot" / f"config-{kver}")
-        (tree / "lib/modules" / kver).mkdir(parents=True, exist_ok=True)
-        with _mounts(tree, (Path("/lib/modules") / kver, Path("lib/modules") / kver)):
-            _chroot(tree, "update-initramfs", "-c", "-k", kver, cwd=cwd,
-                    env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH if epoch is None else epoch)})
+        settings.update(CHUTES_ATTEST_EXTRA_TREE="/root/vm-initramfs/extra", CHUTES_ATTEST_WITH_SIM="yes")
+    settings.update(conf_extra or {})
+    conf = tree / "etc/initramfs-tools/chutes-attest.conf"
+    conf.write_text(conf.read_text() + "".join(f"{k}={v}\n" for k, v in settings.items()))
+
+
+def update_initramfs(tree: Path, dest: Path | None, cwd: Path | None = None, epoch: int | None = None,
+                     check: bool = True) -> subprocess.CompletedProcess:
+    """``update-initramfs -c`` in ``tree`` (host kernel modules bind-mounted read-only), the image copied to
+    ``dest``, the root's tdx-attest gid next to it (``tdx-attest.gid``). A failed build raises RuntimeError
+    with the tail of its stderr (the hook's messages); ``check=False``: returned instead (stderr as text),
+    and the image is copied only when it was built."""
+    kver = kernel_version()
+    shutil.copy2(f"/boot/config-{kver}", tree / "boot" / f"config-{kver}")
+    (tree / "lib/modules" / kver).mkdir(parents=True, exist_ok=True)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+           "DEBIAN_FRONTEND": "noninteractive", "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH if epoch is None else epoch)}
+    argv = ["chroot", str(tree), "update-initramfs", "-c", "-k", kver]
+    with _mounts(tree, (Path("/lib/modules") / kver, Path("lib/modules") / kver)):
+        proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode and check:
+        raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    if proc.returncode == 0 and dest is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree / "boot" / f"initrd.img-{kver}", dest)
         groups = [ln.split(":") for ln in (tree / "etc/group").read_text().splitlines()]
         gid = next((g[2] for g in groups if g[0] == "tdx-attest"), "")
         (dest.parent / "tdx-attest.gid").write_text(gid)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return proc
 
 
 # ------------------------------------------------------------------------------------------- disks
@@ -452,13 +516,14 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 def root1() -> LuksDisk:
     """Stage-1 LUKS2 root disk (the cached passphrase file is test-harness state, mode 0600)."""
-    key = digest(STAGE1_INIT, BUSYBOX_APPLETS, Path("/usr/bin/busybox"), STAGE1_MEASURED, "v2")
+    key = digest(STAGE1_INIT, BUSYBOX_APPLETS, Path("/usr/bin/busybox"), STAGE1_MEASURE_CONF, ROOTFS_MANIFEST_SCRIPT,
+                 "v3")
 
     def build(out: Path) -> None:
         marker = "root-marker-" + secrets.token_hex(8)
         passphrase = secrets.token_hex(32).encode()
         stage1_tree(out / "tree", marker)
-        _write_measurement(out / "tree", STAGE1_MEASURED, out)
+        _write_measurement(out / "tree", STAGE1_MEASURE_CONF, out)
         luks_encrypt_offline(out / "tree", out / "root.img", passphrase, fs_mb=16)
         shutil.rmtree(out / "tree")
         _write_secret(out / "passphrase", passphrase)
@@ -591,15 +656,14 @@ def _add_emulators(tree: Path, extra: Path) -> None:
         fh.write("fuse\n")
 
 
-def _write_measurement(tree: Path, paths: tuple[str, ...], out: Path) -> None:
-    """What an image build registers for the RTMR3 rootfs chain: the measured path list, the expected-hash
-    manifest and the final RTMR3 (``chutes-attest rtmr3 predict``'s computation)."""
-    from agent.evidence.rootfs_measure import format_manifest, predict_entries
-
-    result = predict_entries(str(tree), [p.encode() for p in paths])
-    (out / "tdx-measure.conf").write_text("".join(p + "\n" for p in paths))
-    (out / "tdx-rtmr3-expected-hashes").write_bytes(format_manifest(result.entries))
-    (out / "rtmr3").write_text(result.rtmr3.hex())
+def _write_measurement(tree: Path, measure_conf: str, out: Path) -> None:
+    """What an image build registers for the RTMR3 rootfs chain: the measured-path list, the expected-hash
+    manifest and the final RTMR3, made by the independent stand-in for Chutes' pipeline
+    (tests/vm/chutes_rootfs_manifest.py, run by the system python3: not the agent's code)."""
+    (out / "tdx-measure.conf").write_text(measure_conf)
+    _run(["python3", "-I", str(ROOTFS_MANIFEST_SCRIPT), "--root", str(tree), "--conf", str(out / "tdx-measure.conf"),
+          "--manifest", str(out / "tdx-rtmr3-expected-hashes"), "--rtmr3", str(out / "rtmr3")],
+         capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -647,8 +711,9 @@ def agent_toml_v14() -> str:
     boot = {
         "tdx_base_url": f"https://10.0.2.2:{CVM_PORT}",
         "validator_base_url": f"https://10.0.2.2:{API_PORT}",
+        "legacy_tdx_base_url": VALIDATOR_URL,  # the legacy front (1.3.x luks/attest) on VALIDATOR_PORT
         "protocol": "auto",
-        "ca_bundle": "/etc/chutes-attest/validator-ca.pem",
+        "ca_bundle": VALIDATOR_CA_PATH,
         "network": "static",
         "root_device": "/dev/vda",
         "root_mapper": "root",
@@ -674,7 +739,7 @@ def agent_toml_v14() -> str:
 def initramfs_v14(measurement: Measurement) -> Path:
     """The 1.4.0 test initramfs for a root with ``measurement`` (measure conf + manifest baked at the
     reference's paths, the validator's root signing key at /etc/chutes/root-signing-key.pem)."""
-    return initramfs(agent_toml_v14(), emulators=True, extra_files={
+    return initramfs(agent_toml_v14(), emulators=True, root_files={
         "/etc/tdx-measure.conf": measurement.measure_conf,
         "/etc/tdx-rtmr3-expected-hashes": measurement.manifest,
         "/etc/chutes/root-signing-key.pem": signing_root().public_pem,
@@ -882,7 +947,8 @@ def root2() -> LuksDisk:
         json.dumps(_unit_workarounds((REPO / "systemd/chutes-attest.service").read_text())),
         E2E_UNIT,
         agent_toml_stage2(),
-        STAGE2_MEASURED,
+        STAGE2_MEASURE_CONF,
+        ROOTFS_MANIFEST_SCRIPT,
         "v2",
     )
 
@@ -891,7 +957,7 @@ def root2() -> LuksDisk:
         stage2_tree(tree, deb)
         marker = "root2-marker-" + secrets.token_hex(8)
         (tree / "marker").write_text(marker + "\n")
-        _write_measurement(tree, STAGE2_MEASURED, out)
+        _write_measurement(tree, STAGE2_MEASURE_CONF, out)
         used_mb = int(_run(["du", "-sm", str(tree)], capture_output=True, text=True).stdout.split()[0])
         passphrase = secrets.token_hex(32).encode()
         luks_encrypt_offline(tree, out / "root.img", passphrase, fs_mb=int(used_mb * 1.3) + 128)

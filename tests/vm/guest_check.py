@@ -97,6 +97,62 @@ def systemctl_show(unit: str, props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+#: What the service's unit binds into its view of /run/chutes (systemd/chutes-attest.service).
+SERVICE_BINDS = ("boot-status.json", "proxy-tls", "vm-root-ca")
+SERVICE_READS = ("boot-status.json", "proxy-tls/server.crt", "proxy-tls/server.key", "vm-root-ca/ca.crt")
+SERVICE_USER = "chutes-attest"
+
+
+def _as_service(path: str, pid: int | None) -> tuple[bool, str]:
+    """Read ``path`` as the service's user (its groups too), inside the service's mount namespace when ``pid``."""
+    argv = ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}", "--init-groups", "cat", path]
+    if pid is not None:
+        argv = ["nsenter", f"--target={pid}", "--mount", "--", *argv]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    return p.returncode == 0, (p.stderr.strip().rsplit(": ", 1)[-1] if p.returncode else "read")
+
+
+def check_run_chutes(pid: int) -> None:
+    """/run/chutes is 0700 root; the service, as its unprivileged user, sees exactly its binds there
+    (TemporaryFileSystem= + BindReadOnlyPaths=), can read what it needs and nothing else, inside its
+    namespace or outside it."""
+    import pwd
+
+    st = os.stat("/run/chutes")
+    host_files = []
+    for dirpath, _dirs, files in os.walk("/run/chutes"):
+        host_files += [os.path.relpath(os.path.join(dirpath, f), "/run/chutes") for f in files]
+    host_top = sorted(os.listdir("/run/chutes"))
+    with open(f"/proc/{pid}/status") as fh:
+        uids = next(ln.split()[1:] for ln in fh if ln.startswith("Uid:"))
+    svc_uid = pwd.getpwnam(SERVICE_USER).pw_uid
+
+    def ns_ls(rel: str) -> list[str]:
+        p = subprocess.run(["nsenter", f"--target={pid}", "--mount", "--", "ls", "-A", f"/run/chutes/{rel}"],
+                           capture_output=True, text=True)
+        return sorted(p.stdout.split()) if p.returncode == 0 else [f"error: {p.stderr.strip()}"]
+
+    ns_top = ns_ls("")
+    ns_ca = ns_ls("vm-root-ca") if "vm-root-ca" in ns_top else []
+    reads = {rel: _as_service(f"/run/chutes/{rel}", pid) for rel in SERVICE_READS if rel in host_files}
+    others = sorted(f for f in host_files if f not in SERVICE_READS)
+    inside = {rel: _as_service(f"/run/chutes/{rel}", pid) for rel in others}
+    outside = {rel: _as_service(f"/run/chutes/{rel}", None) for rel in host_files}
+    ok = (
+        (st.st_mode & 0o777) == 0o700 and st.st_uid == 0
+        and uids and all(int(u) == svc_uid for u in uids) and svc_uid != 0
+        and ns_top == sorted(set(SERVICE_BINDS) & set(host_top))
+        and ns_ca in ([], ["ca.crt"])
+        and bool(reads) and all(r for r, _ in reads.values())
+        and not any(r for r, _ in inside.values()) and not any(r for r, _ in outside.values())
+    )
+    emit("run_chutes_namespace", ok, host_mode=oct(st.st_mode & 0o777), host_uid=st.st_uid, host_entries=host_top,
+         service_uids=uids, service_user_uid=svc_uid, ns_entries=ns_top, ns_vm_root_ca=ns_ca,
+         service_reads={k: v[1] for k, v in reads.items()},
+         denied_in_namespace={k: v[1] for k, v in inside.items()},
+         denied_outside={k: v[1] for k, v in outside.items()})
+
+
 def main() -> int:
     t0 = time.monotonic()
     sock_state = systemctl_show("chutes-attest.socket", "ActiveState,SubState,Listen")
@@ -185,6 +241,10 @@ def main() -> int:
         and svc.get("WatchdogTimestampMonotonic", "0") != "0",
         **svc,
     )
+    if svc.get("MainPID", "0").isdigit() and int(svc["MainPID"]) > 0:
+        check_run_chutes(int(svc["MainPID"]))
+    else:
+        emit("run_chutes_namespace", False, error=f"no MainPID: {svc.get('MainPID')!r}")
 
     out = subprocess.run(
         ["journalctl", "-o", "json", "--no-pager", "-u", "chutes-attest.service"], capture_output=True, text=True

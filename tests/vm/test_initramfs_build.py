@@ -192,3 +192,134 @@ def test_built_initramfs_contents() -> None:
             assert soname in joined
     for absent in ("/tkinter/", "/idlelib/", "pynvml", "/elftools/", "/site/pytest/", "/lib/python3.11/test/"):
         assert absent not in joined, absent
+    # the config is pinned to ≤1.2: the hook copied what that generation reads (the CA bundle above), no
+    # RTMR3 list, manifest or signing root (agent.commands.initramfs_files)
+    for absent in ("etc/tdx-measure.conf", "etc/tdx-rtmr3-expected-hashes", "etc/chutes/root-signing-key.pem"):
+        assert absent not in listing, absent
+
+
+# ----------------------------------------------- what the boot reads: in the image, or no image
+
+
+def _hook_env(tmp_path: Path, toml: str, extra: str = "") -> tuple[Path, dict[str, str]]:
+    """A CONFDIR + DESTDIR for running the hook the way mkinitramfs does (hook-functions, DESTDIR, CONFDIR)."""
+    if not Path("/usr/share/initramfs-tools/hook-functions").exists():
+        pytest.fail("initramfs-tools is needed (scripts/install-deps.sh)")
+    (tmp_path / "agent.toml").write_text(toml)
+    conf = tmp_path / "confdir"
+    conf.mkdir(exist_ok=True)
+    (conf / "chutes-attest.conf").write_text(
+        f"CHUTES_ATTEST_INITRAMFS=yes\nCHUTES_ATTEST_BUILD_PYTHON={vmlib.VENV_PY}\n"
+        f"CHUTES_ATTEST_AGENT_TOML={tmp_path / 'agent.toml'}\n{extra}")
+    dest = tmp_path / "dest"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    return dest, {"DESTDIR": str(dest), "CONFDIR": str(conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                  "verbose": "n"}
+
+
+def test_hook_refuses_an_image_without_what_the_boot_reads(tmp_path: Path) -> None:
+    """The hook, run as mkinitramfs runs it, on a config naming files this root lacks: one line per missing
+    thing (config key, path, how to provide it), then exit 1 before anything is staged. A file present but
+    shipped through CHUTES_ATTEST_EXTRA_TREE is refused too: what the agent requires comes from the root."""
+    present = tmp_path / "present.conf"
+    present.write_text("/etc\n")
+    toml = (f'[boot]\nca_bundle = "{tmp_path}/no-such-ca.pem"\nmeasure_conf = "{present}"\n'
+            f'rtmr3_manifest = "{tmp_path}/no-such-manifest"\nsigning_root_key = "{tmp_path}/no-such-key.pem"\n'
+            f'storage_mkfs = "mkfs.no-such-fs"\nproxy_tls_group = "no-such-group-x"\n')
+    dest, env = _hook_env(tmp_path, toml)
+    p = subprocess.run(["sh", str(REPO / "initramfs/hooks/chutes-attest")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stderr
+    where = tmp_path / "agent.toml"
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("chutes-attest hook: ")]
+    assert lines[0] == (f"chutes-attest hook: boot.ca_bundle = {tmp_path}/no-such-ca.pem: not found in the image "
+                        f"root; put the validator's CA bundle (PEM) there or set boot.ca_bundle in {where}")
+    for key, path, what in (("boot.rtmr3_manifest", f"{tmp_path}/no-such-manifest", "not found in the image root"),
+                            ("boot.signing_root_key", f"{tmp_path}/no-such-key.pem", "not found in the image root"),
+                            ("boot.storage_mkfs", "mkfs.no-such-fs", "no such program in the image root"),
+                            ("boot.proxy_tls_group", "no-such-group-x",
+                             "no such group in the image root's /etc/group")):
+        line = next((ln for ln in lines if ln.startswith(f"chutes-attest hook: {key} = {path}: {what}; ")), None)
+        assert line is not None and f"set {key} in {where}" in line, (key, lines)
+    assert not any("boot.measure_conf" in ln or "boot.cryptsetup" in ln for ln in lines), lines  # those exist
+    assert lines[-1].startswith("chutes-attest hook: 5 of what the boot under") and lines[-1].endswith("not building")
+    assert list(dest.iterdir()) == []  # refused before staging anything
+
+    # everything present, but the list travels in the extra tree: refused as well
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    extra = tmp_path / "extra"
+    (extra / str(present).lstrip("/")).parent.mkdir(parents=True)
+    (extra / str(present).lstrip("/")).write_text("/usr\n")
+    toml = (f'[boot]\nprotocol = "1.3"\nca_bundle = "{ca}"\nmeasure_conf = "{present}"\nrtmr3_manifest = "{ca}"\n'
+            'storage_mkfs = "mkfs.ext4"\n')
+    dest, env = _hook_env(tmp_path, toml, f"CHUTES_ATTEST_EXTRA_TREE={extra}\n")
+    p = subprocess.run(["sh", str(REPO / "initramfs/hooks/chutes-attest")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert (f"chutes-attest hook: boot.measure_conf = {present}: CHUTES_ATTEST_EXTRA_TREE ({extra}) holds it, but "
+            "what the agent requires must come from the image root: remove it there") in p.stderr, p.stderr
+    assert "1 of what the boot under" in p.stderr and list(dest.iterdir()) == []
+
+
+def _production_toml() -> str:
+    """A production-shaped baked config: the defaults (protocol auto, configfs quotes, the system CA bundle,
+    the 1.4 scheme's list and manifest names, the signing root key), ext4 for first-use storage volumes
+    (the test root has no xfsprogs)."""
+    return '[boot]\nroot_device = "/dev/vda"\nstorage_mkfs = "mkfs.ext4"\n'
+
+
+@pytest.mark.vm
+def test_package_only_image_carries_what_the_boot_reads_or_is_not_built(tmp_path: Path) -> None:
+    """An image built only from the package (`apt-get install ./…deb`, the hook enabled, `update-initramfs`),
+    no extra tree and no simulation: first with a root lacking what the config needs (update-initramfs fails,
+    naming each key and path), then with the files in the root (the image holds exactly those, byte for
+    byte, plus the tdx-attest group entry with the root's gid)."""
+    work = tmp_path / "work"
+    tree = work / "root"
+    vmlib.installed_tree(tree)
+    try:
+        vmlib.configure_initramfs_tree(tree, _production_toml(), sim=False)
+        conf = (tree / "etc/initramfs-tools/chutes-attest.conf").read_text()
+        assert "CHUTES_ATTEST_EXTRA_TREE=" not in conf.replace("#CHUTES_ATTEST_EXTRA_TREE=", "")
+        assert "CHUTES_ATTEST_WITH_SIM=yes" not in conf
+        failed = vmlib.update_initramfs(tree, None, check=False)
+        assert failed.returncode != 0
+        toml = "/root/vm-initramfs/agent.toml"
+        assert ("chutes-attest hook: boot.ca_bundle = /etc/ssl/certs/ca-certificates.crt: not found in the image "
+                f"root; install ca-certificates or set boot.ca_bundle in {toml}") in failed.stderr, failed.stderr
+        for key, path in (("boot.measure_conf", "/etc/tdx-measure.conf"),
+                          ("boot.rtmr3_manifest", "/etc/tdx-rtmr3-expected-hashes"),
+                          ("boot.signing_root_key", "/etc/chutes/root-signing-key.pem")):
+            assert f"chutes-attest hook: {key} = {path}: not found in the image root; " in failed.stderr, key
+        assert "boot.proxy_tls_group" not in failed.stderr  # the package's sysusers.d made it in this root
+        assert "4 of what the boot under /root/vm-initramfs/agent.toml reads missing" in failed.stderr
+        assert not list((tree / "boot").glob("initrd.img-*"))
+
+        files = {
+            "/etc/ssl/certs/ca-certificates.crt": (vmlib.tls() / "ca.pem").read_bytes(),
+            "/etc/tdx-measure.conf": b"/etc\n/etc/default/rtmr3-verify\n",
+            "/etc/tdx-rtmr3-expected-hashes": b"# none checked\n",
+            "/etc/chutes/root-signing-key.pem": vmlib.signing_root().public_pem,
+        }
+        for path, data in files.items():
+            (tree / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path.lstrip("/")).write_bytes(data)
+        initrd = tmp_path / "out" / "initrd.img"
+        vmlib.update_initramfs(tree, initrd)
+        gid = (initrd.parent / "tdx-attest.gid").read_text()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    unpacked = tmp_path / "unpacked"
+    subprocess.run(["unmkinitramfs", str(initrd), str(unpacked)], check=True)
+    root = unpacked / "main" if (unpacked / "main").is_dir() else unpacked
+    for path, data in files.items():
+        assert (root / path.lstrip("/")).read_bytes() == data, path
+    assert (root / "etc/chutes-attest/agent.toml").read_text() == _production_toml()
+    assert f"tdx-attest:x:{gid}:" in (root / "etc/group").read_text().splitlines()
+    assert (root / "usr/sbin/cryptsetup").is_file() and (root / "usr/sbin/mkfs.ext4").is_file()
+    # nothing the config does not name, and no test-only part
+    assert not (root / "etc/chutes-attest/validator-ca.pem").exists()  # in the root, but not what it names
+    assert not (root / "etc/chutes-attest/sim").exists() and not (root / "usr/lib/chutes-vm-test").exists()
+    assert not list(root.glob("usr/lib/chutes-attest/site/agent/sim"))

@@ -49,6 +49,33 @@ def v14_images() -> dict:
     }
 
 
+def test_v14_image_is_package_only_with_chutes_shaped_measurement(v14_images: dict) -> None:
+    """The 1.4.0 image: what the boot reads came from the build root through the package's hook (the list,
+    the manifest, the signing root, the CA bundle: byte for byte), the extra tree holds test-only parts alone
+    (the hook refuses a required file there), and the list and manifest are shaped like Chutes' (§12.1, §12.3):
+    comments, entries absent on purpose, overlapping entries, path-first lines, a file listed twice."""
+    import subprocess
+    import tempfile
+
+    m: vmlib.Measurement = v14_images["measurement"]
+    conf = m.measure_conf.decode()
+    assert "/etc/default/rtmr3-verify" in conf and "\n/sbin\n" in conf and "\n/sbin/init " in conf
+    lines = m.manifest.decode().splitlines()
+    assert lines[0].startswith("#")
+    walked = [ln for ln in lines if not ln.startswith("#")]
+    assert all(re.fullmatch(r"/\S+ [0-9a-f]{96}", ln) for ln in walked), walked
+    init = next(ln for ln in walked if ln.startswith("/sbin/init "))
+    assert len(walked) > len(set(walked)) and walked.count(init) == 2
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["unmkinitramfs", str(v14_images["initrd"]), d], check=True)
+        root = Path(d) / "main" if (Path(d) / "main").is_dir() else Path(d)
+        assert (root / "etc/tdx-measure.conf").read_bytes() == m.measure_conf
+        assert (root / "etc/tdx-rtmr3-expected-hashes").read_bytes() == m.manifest
+        assert (root / "etc/chutes/root-signing-key.pem").read_bytes() == vmlib.signing_root().public_pem
+        assert (root / vmlib.VALIDATOR_CA_PATH.lstrip("/")).read_bytes() == (vmlib.tls() / "ca.pem").read_bytes()
+        assert (root / "usr/lib/chutes-vm-test/guest_emulators.py").is_file()  # the test-only extra
+
+
 def _files(console) -> dict[str, dict]:
     out = {}
     for line in console.lines_with("STAGE1-FILE:"):
@@ -130,20 +157,25 @@ async def test_v14_boot_rotates_root_provisions_storage_and_hands_off(tmp_path: 
         assert names.index("root_rotation") < names.index("rtmr3") < names.index("storage_keys")
         rot = status["root_rotation"]
         assert rot["confirmed"] is True, rot
-        # RTMR3 chain over the real root's measured paths, extended through the emulated sysfs, from zero
-        assert status["rtmr3"]["value"] == m.rtmr3 and status["rtmr3"]["files"] >= 3
+        # RTMR3 chain over the real root's measured paths, extended through the emulated sysfs, from zero, to
+        # the value the independent stand-in for Chutes' pipeline registered: every manifest line one extension
+        # (duplicates kept on 1.4), the two absent entries contributing nothing
+        walked = [ln for ln in m.manifest.decode().splitlines() if ln and not ln.startswith("#")]
+        assert status["rtmr3"]["value"] == m.rtmr3 and status["rtmr3"]["scheme"] == "1.4"
+        assert status["rtmr3"]["extensions"] == len(walked) and status["rtmr3"]["absent"] == 2, status["rtmr3"]
         assert {status["storage"][label]["outcome"] for label in LABELS} == {"rotated"}, status["storage"]
         assert not any(status["storage"][label]["formatted"] for label in LABELS)
         assert any(e.get("event") == "boot.kubeconfig_purged" for e in console.events())
 
-        # hand-off files and modes (reference §7): uid 0, proxy TLS group-readable by tdx-attest
+        # hand-off files and modes (reference §7, §12.6): uid 0, /run/chutes and vm-root-ca/ 0700 as Chutes keeps
+        # them (the service gets its subtree through its unit), proxy TLS group-readable by tdx-attest
         files = _files(console)
         run = "/run/chutes"
         want = {
-            f"{run}/vm-name": 0o600, f"{run}/hotkey": 0o600, f"{run}/luks-quote-nonce": 0o600,
+            run: 0o700, f"{run}/vm-name": 0o600, f"{run}/hotkey": 0o600, f"{run}/luks-quote-nonce": 0o600,
             f"{run}/validator-ss58": 0o600, f"{run}/validator-auth.env": 0o600,
             f"{run}/k3s-encryption-config.yaml": 0o600,
-            f"{run}/vm-root-ca": 0o750, f"{run}/vm-root-ca/ca.crt": 0o644,
+            f"{run}/vm-root-ca": 0o700, f"{run}/vm-root-ca/ca.crt": 0o644,
             f"{run}/proxy-tls": 0o750, f"{run}/proxy-tls/server.crt": 0o640, f"{run}/proxy-tls/server.key": 0o640,
             f"{run}/registry-tls": 0o700, f"{run}/registry-tls/client.crt": 0o644,
             f"{run}/registry-tls/client.key": 0o600,
@@ -152,8 +184,9 @@ async def test_v14_boot_rotates_root_provisions_storage_and_hands_off(tmp_path: 
         assert {p: oct(x) for p, x in got.items()} == {p: oct(x) for p, x in want.items()}
         assert all(f["uid"] == 0 for f in files.values()), files
         assert gid > 0
-        for p in ("proxy-tls", "proxy-tls/server.crt", "proxy-tls/server.key", "vm-root-ca"):
+        for p in ("proxy-tls", "proxy-tls/server.crt", "proxy-tls/server.key"):
             assert files[f"{run}/{p}"]["gid"] == gid, (p, files[f"{run}/{p}"], gid)
+        assert files[run]["gid"] == 0 and files[f"{run}/vm-root-ca"]["gid"] == 0
         for gone in ("vm-root-ca/ca.key", "vm-root-ca/ca.srl", "cert-hash", "miner-seed", "boot-token"):
             assert f"{run}/{gone}" not in files, gone  # CA key deleted before pivot_root; seed after last call
         for name in ("cosign/chutes.pub", "cosign/dockerhub.pub", "helm-pubkey.gpg"):

@@ -58,6 +58,7 @@ async def test_service_under_systemd(tmp_path: Path, stage1_images, validator) -
         "chute_evidence_quote",
         "chute_status",
         "service_active_watchdog",
+        "run_chutes_namespace",
         "journald_fields",
     ]
     assert sorted(res) == sorted(expected), sorted(res)
@@ -69,11 +70,25 @@ async def test_service_under_systemd(tmp_path: Path, stage1_images, validator) -
     svc = res["service_active_watchdog"]
     assert svc["ActiveState"] == "active" and svc["Type"] == "notify" and svc["User"] == "chutes-attest"
     assert svc["WatchdogUSec"] == "30s"
+    _assert_run_chutes_private(res["run_chutes_namespace"], {"boot-status.json"})
     jf = res["journald_fields"]
     assert {"MESSAGE_ID", "EVENT", "PRIORITY", "SYSLOG_IDENTIFIER"} <= set(jf["sample_fields"])
     assert jf["sample_message_id"] == message_id(jf["sample_event"])
     assert res["chute_status"]["quote_source"] == "simulated"
     assert "reboot: Power down" in console.text
+
+
+def _assert_run_chutes_private(ns: dict, binds: set[str]) -> None:
+    """/run/chutes 0700 root (§12.6); the service runs as its own unprivileged uid and sees, in its mount
+    namespace, only what its unit binds; it reads those and nothing else there, and nothing at all outside."""
+    assert ns["ok"], json.dumps(ns, indent=1)
+    assert ns["host_mode"] == "0o700" and ns["host_uid"] == 0
+    assert ns["service_user_uid"] != 0 and set(ns["service_uids"]) == {str(ns["service_user_uid"])}
+    assert set(ns["ns_entries"]) == binds, ns
+    assert all(v == "read" for v in ns["service_reads"].values()) and "boot-status.json" in ns["service_reads"]
+    assert ns["denied_in_namespace"] and all("No such file" in v for v in ns["denied_in_namespace"].values()), ns
+    assert set(ns["denied_outside"]) >= set(ns["denied_in_namespace"]) | set(ns["service_reads"])
+    assert all("Permission denied" in v for v in ns["denied_outside"].values()), ns
 
 
 def _leaf(console) -> x509.Certificate:
@@ -112,6 +127,13 @@ async def test_service_with_v14_handoff(tmp_path: Path) -> None:
         assert ident["key_mode"] == "0o640" and ident["key_gid"] == int((initrd.parent / "tdx-attest.gid").read_text())
         svc = res["service_active_watchdog"]
         assert svc["ActiveState"] == "active" and svc["User"] == "chutes-attest"
+        ns = res["run_chutes_namespace"]
+        _assert_run_chutes_private(ns, {"boot-status.json", "proxy-tls", "vm-root-ca"})
+        assert ns["ns_vm_root_ca"] == ["ca.crt"]
+        assert {"proxy-tls/server.key", "proxy-tls/server.crt", "vm-root-ca/ca.crt"} <= set(ns["service_reads"])
+        for secret in ("validator-ss58", "validator-auth.env", "registry-tls/client.key", "luks-quote-nonce",
+                       "k3s-encryption-config.yaml", "hotkey"):
+            assert secret in ns["denied_in_namespace"], (secret, ns)
         for check in ("compat_tdx_quote", "compat_attest", "chute_evidence_quote"):
             assert res[check]["nonce_bound"] and res[check]["cert_bound"] and res[check]["signature_ok"]
 
