@@ -56,8 +56,9 @@ CHUNK = 1 << 20
 #: Files at least this large are hashed on the pool; smaller ones by the calling thread (in-process way).
 POOL_MIN_BYTES = 64 << 10
 #: The fixed cost of one file (open, fstat, close, a hash object, a record), in bytes of SHA-384 it is
-#: worth (~6 µs at ~700 MB/s): how batches and the in-process threshold weigh a file besides its size.
-FILE_COST_BYTES = 4 << 10
+#: worth (~10 µs at ~700 MiB/s, measured on small files): how batches and the in-process threshold weigh
+#: a file besides its size.
+FILE_COST_BYTES = 8 << 10
 #: Below this estimated cost (bytes + FILE_COST_BYTES per file) everything stays in-process: starting
 #: helpers (~20 ms each, in parallel) would cost about what they save.
 PROCESS_MIN_COST = 48 << 20
@@ -66,10 +67,9 @@ BATCH_COST = 4 << 20
 BATCH_MAX_FILES = 256
 #: Batches in flight per helper (the one it hashes and the ones queued in its stdin).
 QUEUE_DEPTH = 2
-#: A helper reports at least every this many files (and after every file of CHUNK bytes or more).
-REPORT_EVERY = 32
-#: Most helper processes, whatever ``workers`` says.
-MAX_PROCESSES = 64
+#: Most helper processes, whatever ``workers`` says (beyond ~16 the largest file, which one helper hashes
+#: alone, bounds the time anyway; each helper costs ~12 MiB of memory).
+MAX_PROCESSES = 32
 #: A helper must announce itself within this many seconds of its start, else it is left out.
 START_SECONDS = 30.0
 #: A helper holding work that reports nothing for this long, plus its current file at MIN_RATE bytes/s,
@@ -84,7 +84,8 @@ _ERRORS = {1: "cannot open", 2: "no longer a regular file", 3: "cannot read"}
 #: The helper: only os and hashlib, so it runs under ``-I -S`` from any staged runtime. Reads batches
 #: (4-byte little-endian length + NUL-separated paths) from stdin until EOF; writes _HELLO once, then
 #: one 56-byte record per path, in order: bytes read (int64 LE) + digest, or -kind + errno (LE) on error.
-#: It looks ``os.write`` up at each call (a test wraps it to inject a crash or a hang).
+#: It reports every 32 files and after every file of CHUNK bytes or more (the dispatcher's sign of life),
+#: and looks ``os.write`` up at each call (a test wraps it to inject a crash or a hang).
 WORKER_CODE = r'''
 import hashlib
 import os
@@ -403,12 +404,12 @@ def _await_start(helpers: list[_Helper], sel: selectors.BaseSelector) -> list[_H
             break
         for key, _ in sel.select(left):
             h = key.data
+            if key.fd == h.efd:
+                _keep_err(h, _read(key.fd), sel)
+                continue
             if h not in waiting:
                 continue
             data = _read(key.fd)
-            if key.fd == h.efd:
-                _keep_err(h, data, sel)
-                continue
             h.rbuf += data
             if not data:
                 lost.append((h, _describe_exit(h)))
