@@ -1,8 +1,10 @@
-"""Parse a TDX quote (raw, base64 or hex, auto-detected) and print every field.
+"""Parse a TDX quote or an AMD SEV-SNP report (raw, base64 or hex, auto-detected) and print every field.
 
-Reads FILE, or standard input for '-'. With --verify also runs the signature self-check
-(quote signature, QE report signature, QE report_data binding, PCK chain to the pinned Intel
-SGX Root CA, or to --root-ca). Exit 3 if a check fails, 4 if the input is not a quote.
+Reads FILE, or standard input for '-'. The kind is told from the bytes (agent.quote.kind). With
+--verify also runs the signature self-check: for TDX the quote signature, QE report signature, QE
+report_data binding and PCK chain to the pinned Intel SGX Root CA (or to --root-ca); for SNP the
+named checks of agent.quote.snp_verify against the VCEK/VLEK given with --vek (or quote.snp_vek_file)
+and AMD's pinned chain, nothing fetched. Exit 3 if a check fails, 4 if the input is neither.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from agent.config import AgentConfig
 from agent.errors import BadInputError, UsageError
 
 if TYPE_CHECKING:  # the quote modules load inside run() (fast --help)
-    from agent.quote import Quote, VerifyResult
+    from agent.quote import Quote, SnpReport, VerifyResult
+    from agent.quote.snp_verify import SnpVerifyResult
 
 _HEX = re.compile(rb"\A(?:0x)?[0-9a-fA-F]+\Z")
 _B64 = re.compile(rb"\A[A-Za-z0-9+/_-]+={0,2}\Z")
@@ -29,9 +32,12 @@ _WS = re.compile(rb"\s+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="quote file (raw, base64 or hex), or - for stdin")
+    parser.add_argument("file", metavar="FILE",
+                        help="TDX quote or SEV-SNP report file (raw, base64 or hex), or - for stdin")
     parser.add_argument("--verify", action="store_true", help="also run the signature self-check")
-    parser.add_argument("--root-ca", metavar="PEM", help="root CA to pin instead of Intel's (with --verify)")
+    parser.add_argument("--root-ca", metavar="PEM", help="TDX: root CA to pin instead of Intel's (with --verify)")
+    parser.add_argument("--vek", metavar="FILE",
+                        help="SNP: the VCEK/VLEK certificate (DER or PEM) for --verify (default: quote.snp_vek_file)")
     parser.add_argument("--format", choices=["auto", "raw", "base64", "hex"], default="auto",
                         help="input encoding (default: auto-detect)")
     add_json_flag(parser)
@@ -91,9 +97,60 @@ def _print_text(q: Quote, encoding: str, result: VerifyResult | None) -> None:
             print(f"{c.name:<{width}}  {'pass' if c.passed else 'FAIL'}  {c.detail}")
 
 
+def _print_snp_text(r: SnpReport, encoding: str, result: SnpVerifyResult | None) -> None:
+    d = r.to_dict()
+    print(f"# SEV-SNP report v{r.version}, {r.product or 'product line unknown'}, {r.signing_key_name}, "
+          f"1184 bytes, read as {encoding}")
+    width = max(len(k) for k in d)
+    for key, value in d.items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:<{width}}  {_fmt_value(value)}")
+    if result is not None:
+        print(f"# signature self-check: {'PASS' if result.ok else 'FAIL'}")
+        for c in result.checks:
+            print(f"{c.name:<{width}}  {'pass' if c.passed else 'FAIL'}  {c.detail}")
+        for note in result.not_checked:
+            print(f"# not checked: {note}")
+
+
+def _run_snp(raw: bytes, encoding: str, args: argparse.Namespace, cfg: AgentConfig) -> int:
+    from agent.quote import SnpReportError, parse_snp_report
+
+    try:
+        r = parse_snp_report(raw)
+    except SnpReportError as exc:  # already a BadInputError (exit 4)
+        raise BadInputError(f"malformed SEV-SNP report: {exc}", reason="malformed_report") from None
+    if args.root_ca:
+        raise UsageError("--root-ca applies to TDX quotes; an SEV-SNP report is checked against AMD's pinned ARKs",
+                         reason="root_ca")
+    result = None
+    if args.verify:
+        from agent.quote.snp_verify import SnpCertificateError, verify_snp_report
+
+        vek_path = args.vek or cfg.quote.snp_vek_file or None
+        try:
+            vek = Path(vek_path).read_bytes() if vek_path else None
+        except OSError as exc:
+            raise UsageError(f"cannot read {exc.filename}: {exc.strerror}", reason="file_unreadable") from None
+        try:
+            result = verify_snp_report(r, vek=vek)
+        except SnpCertificateError as exc:
+            raise UsageError(f"bad VEK certificate {vek_path}: {exc}", reason="vek") from None
+    if args.json:
+        out = r.to_dict()
+        out["input_encoding"] = encoding
+        if result is not None:
+            out["verify"] = result.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        _print_snp_text(r, encoding, result)
+    return EXIT_VERIFY_FAILED if result is not None and not result.ok else EXIT_OK
+
+
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     """Errors are :class:`~agent.errors.AgentError` kinds; ``cli.main`` maps them to exit codes."""
-    from agent.quote import QuoteError, parse_quote, verify_quote
+    from agent.quote import QuoteError, evidence_kind, parse_quote, verify_quote
 
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
@@ -104,6 +161,16 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
         raw, encoding = decode_input(data, args.format)
     except ValueError as exc:
         raise BadInputError(f"malformed input: {exc}") from None
+    try:
+        kind = evidence_kind(raw)
+    except BadInputError:
+        # Neither reading fits: a report-sized input gets the SNP parser's precise error, anything
+        # else the TDX parser's (as before SNP support).
+        kind = "snp" if len(raw) == 1184 else "tdx"
+    if kind == "snp":
+        return _run_snp(raw, encoding, args, cfg)
+    if args.vek:
+        raise UsageError("--vek applies to SEV-SNP reports, and this is a TDX quote", reason="vek")
     try:
         q = parse_quote(raw)
     except QuoteError as exc:  # already a BadInputError (exit 4); say what the input was meant to be
