@@ -110,21 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # In an initramfs, init's environment comes from the (host-controlled) kernel command line:
         # only the baked-in config file and explicit flags may steer the boot; logging knobs excepted.
         environ = {k: v for k, v in os.environ.items() if k.startswith(config_mod.ENV_PREFIX + "LOG_")}
+    module: CommandModule = args._module
+    stage = "configuration error: "  # what an error means while the configuration loads
     try:
         cfg = config_mod.load(args.config, overrides, environ=environ)
-    except config_mod.ConfigError as exc:
-        print(f"chutes-attest: configuration error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    log.configure(cfg.log.level, cfg.log.format)
-    from agent.commands.wiring import install_simulations
+        stage = ""
+        log.configure(cfg.log.level, cfg.log.format)
+        from agent.commands.wiring import install_simulations
 
-    install_simulations()
-    module: CommandModule = args._module
-    try:
+        install_simulations()
         return int(module.run(args, cfg) or 0)
     except AgentError as exc:
-        # The one place an error becomes an exit code (README, "Exit codes"); commands just raise.
-        print(f"chutes-attest {args.command}: {exc}", file=sys.stderr)
+        # The one place an error becomes an exit code: its class's (agent.errors; README, "Exit codes").
+        # Commands, `serve`'s start-up included, just raise.
+        print(f"chutes-attest {args.command}: {stage}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("chutes-attest: interrupted", file=sys.stderr)

@@ -8,7 +8,6 @@ example config is every key with its default value, commented out. Run with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -25,12 +24,11 @@ CONFIG_HEADER = """\
 
 
 def example_config() -> str:
+    """Every table and key, commented out, each under its documentation comment from agent/config.py."""
+    from agent.commands.config_cmd import conffile
+
     cfg = config_mod.load(os.devnull, [], environ={})
-    out = [CONFIG_HEADER]
-    for section, values in config_mod.to_dict(cfg).items():
-        out.append(f"\n#[{section}]\n")
-        out += [f"#{key} = {json.dumps(value)}\n" for key, value in values.items()]
-    return "".join(out)
+    return CONFIG_HEADER + "\n" + conffile(cfg, commented_out=True)
 
 
 def _esc(text: str) -> str:

@@ -7,6 +7,11 @@ Tiers (README, "Tests"):
 - ``vm``: boots a real kernel + initramfs under qemu; ``pytestmark = pytest.mark.vm``.
 A test without a tier marker is a unit test. Tests never skip: selecting a tier whose prerequisites are
 missing stops the run at once and names what is missing.
+
+The unit tier cannot flake (pyproject.toml, [tool.pytest.ini_options]): warnings are errors, markers are
+strict (the three tiers below are the only ones), an xfail that passes fails. A test waits for a state
+by polling it under a deadline (tests/waiting.py) or drives an injected clock; it never sleeps and then
+checks, and never asserts on wall-clock durations.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Serve the compat and chute APIs on unix sockets (systemd socket activation and Type=notify aware)."""
+"""Serve the compat and chute APIs on unix sockets (systemd socket activation and Type=notify aware).
+
+Runs until SIGTERM/SIGINT (exit 0). A start failure never reports ready; it exits with its error's code
+(as every command): 2 a configuration problem, 3 a boot hand-off identity that does not verify, 5 a socket
+that cannot be bound, a service certificate that cannot be read or used, or a failed self-check quote.
+"""
 
 from __future__ import annotations
 

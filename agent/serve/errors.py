@@ -14,14 +14,25 @@ from agent.errors import AgentError
 
 
 class ApiError(AgentError):
-    """A request failed with a known status, a stable machine code and a one-line reason."""
+    """A request failed with a known status, a stable machine code and a one-line reason.
+
+    ``status`` is this answer's ``http_status``; for an error of the agent's own that reaches a handler,
+    :meth:`of` takes it from the error's class (``agent.errors``: the one map of exit codes and statuses).
+    """
 
     def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail, reason=code)
+        super().__init__(detail, reason=code, http_status=status)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+
+    @classmethod
+    def of(cls, exc: AgentError, code: str | None = None, detail: str | None = None, *,
+           headers: dict[str, str] | None = None) -> ApiError:
+        """The answer for ``exc``: its class's ``http_status``, ``code`` (default: its ``reason``) and
+        ``detail`` (default: its one-line message)."""
+        return cls(exc.http_status, code or exc.reason, detail if detail is not None else str(exc), headers=headers)
 
 
 def bad_request(code: str, detail: str) -> ApiError:

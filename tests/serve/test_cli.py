@@ -33,7 +33,9 @@ def test_evidence_json_matches_v1_evidence_binding(short_tmp: Path, sim_dir: Pat
     r = cli(conf, "evidence", "--nonce", nonce, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate", "tpm"}
+    assert set(doc) == {"tee", "nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate",
+                        "tpm"}
+    assert doc["tee"] == "tdx"
     spki = spki_sha256_of(cfg.serve.cert_path)  # created on first use, like serve does
     assert report_data_of(base64.b64decode(doc["quote"])) == bytes.fromhex(nonce) + spki
     assert len(doc["gpu_evidence"]) == 2
@@ -60,7 +62,8 @@ def test_evidence_bad_input_exit_codes(short_tmp: Path, sim_dir: Path) -> None:
 
 def test_evidence_unavailable_source(short_tmp: Path, sim_dir: Path) -> None:
     conf, _ = write_conf(short_tmp, sim_dir)
-    r = cli(conf, "--set", "quote.source=configfs", "--set", f"quote.configfs_root={short_tmp}/none/report",
+    r = cli(conf, "--set", "quote.source=configfs", "--set", "quote.tee=tdx",
+            "--set", f"quote.configfs_root={short_tmp}/none/report",
             "--set", "quote.retries=0", "evidence", "--nonce", "ab" * 32)
     assert r.returncode == 5, r.stderr
     assert r.stderr.startswith("chutes-attest evidence: ")
@@ -79,8 +82,10 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
         notify.close()
     doc = json.loads(r.stdout)
     checks = {c["name"]: c for c in doc["checks"]}
-    assert list(checks) == ["tdx_guest", "tsm", "quote", "nvml", "cc_mode", "tpm", "service_cert",
+    assert list(checks) == ["tee", "tdx_guest", "tsm", "quote", "nvml", "cc_mode", "tpm", "service_cert",
                             "compat_socket", "chute_socket", "service_load"]
+    # quote.source=simulated, quote.tee=auto: the simulated TDX source, said so
+    assert checks["tee"]["status"] == "warn" and "Intel TDX" in checks["tee"]["detail"]
     assert checks["tpm"]["status"] == "skip"  # tpm.mode=off in these tests
     if not Path("/dev/tdx_guest").exists():  # this machine: not a TDX guest
         assert checks["tdx_guest"]["status"] == "fail" and r.returncode == 5 and doc["ok"] is False
@@ -96,7 +101,7 @@ def test_doctor_reports_each_check(short_tmp: Path, sim_dir: Path) -> None:
     assert "requests (0 5xx)" in load["detail"] and "rint nonces 0/65536" in load["detail"]
     assert int(load["detail"].split(" requests")[0]) >= 2
     lines = text.stdout.strip().splitlines()
-    assert len(lines) == 10 and lines[0].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
+    assert len(lines) == 11 and lines[1].split()[:2] == [checks["tdx_guest"]["status"].upper(), "tdx_guest"]
 
 
 def test_doctor_sockets_missing(short_tmp: Path, sim_dir: Path) -> None:

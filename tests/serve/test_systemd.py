@@ -8,13 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.serve.helpers import REPO, make_cfg
 from tests.serve.proc import NotifyListener, listening_socket, spawn, stop
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,10 @@ def test_socket_activation_ready_status_and_drain(short_tmp: Path, sim_dir: Path
         c.sendall(b"POST /v1/symkey/respond HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
                   + body[:10])
-        time.sleep(0.5)
+        # SIGTERM only once the service holds this connection (a fixed sleep could be too short here)
+        wait_until(lambda: json.loads(get(act_compat, "/status")[1])["counters"]["connections"]["chute"]["open"],
+                   "the service to accept the half-sent request")
+        get(act_compat, "/health")  # one more loop round trip: the head already buffered is read by now
         proc.send_signal(15)
         notify.wait_for("STOPPING=1")
         c.sendall(body[10:])
@@ -123,6 +126,7 @@ def test_bind_mode_self_check_and_sigterm(short_tmp: Path, sim_dir: Path, notify
 def test_failed_self_check_never_reports_ready(short_tmp: Path, sim_dir: Path, notify: NotifyListener) -> None:
     cfg = make_cfg(short_tmp, sim_dir)
     cfg.quote.source = "configfs"
+    cfg.quote.tee = "tdx"  # no TEE devices here: pinned, so the missing configfs-tsm is what fails
     cfg.quote.configfs_root = str(short_tmp / "no-tsm" / "report")
     cfg.quote.retries = 0
     proc = spawn(cfg, short_tmp, env={"NOTIFY_SOCKET": notify.path})

@@ -70,3 +70,64 @@ def test_bad_env_and_flag_name_their_origin(tmp_path: Path) -> None:
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="config file not found"):
         config.load(tmp_path / "absent.toml", environ={})
+
+
+# -- every key documented where it is defined and in the generated file (issue 20 item 6) ---------------
+
+def all_keys() -> list[str]:
+    """Every configuration key, from the dataclasses themselves (a key added anywhere is in here)."""
+    import dataclasses
+
+    return [f"{section}.{f.name}" for section, typ in config._sections().items() for f in dataclasses.fields(typ)]
+
+
+def test_every_key_is_documented_where_it_is_defined() -> None:
+    docs = config.key_docs()
+    missing = [key for key in all_keys() if not docs.get(key, "").strip()]
+    assert not missing, ("configuration keys without a `#:` comment line above their field in agent/config.py: "
+                         + ", ".join(missing))
+    assert set(docs) <= set(all_keys())
+
+
+def test_the_documentation_check_sees_an_undocumented_key() -> None:
+    """The same reader on a synthetic source: a field without ``#:`` is missing, a multi-line one is whole."""
+    source = ('class LogConfig:\n    """Logs."""\n\n    #: first line\n    #: second line\n    level: str = "info"\n'
+              '    # a plain comment is not documentation\n    format: str = "auto"\n')
+    docs = config.key_docs(source)
+    assert docs == {"log.level": "first line\nsecond line"}
+    assert [k for k in ("log.level", "log.format") if k not in docs] == ["log.format"]
+
+
+def test_generated_conffile_documents_every_key_and_reads_back(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tomllib
+
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(write(tmp_path, "")), "config"],
+                       capture_output=True, text=True, timeout=60, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    docs = config.key_docs()
+    section = ""
+    undocumented = []
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line.startswith("#"):
+            key = f"{section}.{line.split(' = ', 1)[0]}"
+            doc = docs[key].splitlines()
+            if lines[i - len(doc):i] != [f"# {d}".rstrip() for d in doc]:
+                undocumented.append(key)
+    assert not undocumented, "keys printed without their documentation: " + ", ".join(undocumented)
+    printed = {f"{s}.{k}" for s, table in tomllib.loads(p.stdout).items() for k in table}
+    assert printed == set(all_keys())
+    kept = write(tmp_path, p.stdout)  # the output is a configuration file that means the same
+    assert config.to_dict(config.load(kept, environ={})) == config.to_dict(config.AgentConfig())
+
+
+def test_commented_out_conffile_is_all_comments() -> None:
+    from agent.commands.config_cmd import conffile
+
+    text = conffile(config.AgentConfig(), commented_out=True)
+    assert all(not line or line.startswith("#") for line in text.splitlines())
+    assert "#[serve]" in text and '#compat_socket = "/run/attestation-service/attestation.sock"' in text

@@ -35,17 +35,18 @@ def room(module: str) -> str:
     return "foundation"
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(AGENT.parent).with_suffix("")
+def module_name(path: Path, root: Path = AGENT) -> str:
+    """The dotted name of ``path``, a file of the ``agent`` package at ``root``."""
+    rel = path.relative_to(root.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
+def imports_of(path: Path, root: Path = AGENT) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), str(path))
-    name = module_name(path)
+    name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -62,37 +63,59 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
                 # "from agent import x" may name a submodule: judge by the submodule when it is one.
                 for alias in node.names:
                     sub = f"{target}.{alias.name}"
-                    is_module = (AGENT.parent / sub.replace(".", "/")).with_suffix(".py").exists() or \
-                        (AGENT.parent / sub.replace(".", "/") / "__init__.py").exists()
+                    is_module = (root.parent / sub.replace(".", "/")).with_suffix(".py").exists() or \
+                        (root.parent / sub.replace(".", "/") / "__init__.py").exists()
                     found.append((node.lineno, sub if is_module else target))
     return found
 
 
-def violations() -> list[str]:
+def broken_rule(src: str, target: str) -> str | None:
+    """Why ``src`` may not import ``target`` (the architecture's rule, in words), or None when it may."""
+    src_room, dst_room = room(src), room(target)
+    if dst_room == "sim" and src_room not in ("sim", "commands"):
+        return "only the composition root may reach agent.sim"
+    if src_room == "sim" or dst_room == "sim":
+        return None
+    if {src_room, dst_room} == {"boot", "serve"}:
+        return "boot and serve never import each other"
+    if RANK[dst_room] > RANK[src_room]:
+        return f"{src_room} may not import the higher room {dst_room}"
+    if src_room == "commands" and dst_room in ("boot", "serve") and src != f"agent.commands.{dst_room}":
+        # A command that needs what serve or boot computes takes it from a lower room, not their internals.
+        return f"only agent.commands.{dst_room} reaches into agent.{dst_room}"
+    return None
+
+
+def violations(root: Path = AGENT) -> list[str]:
+    """Every import under the ``agent`` package at ``root`` that breaks a rule, one line each."""
     out: list[str] = []
-    for path in sorted(AGENT.rglob("*.py")):
-        src = module_name(path)
-        src_room = room(src)
-        for lineno, target in imports_of(path):
-            dst_room = room(target)
-            where = f"{path.relative_to(AGENT.parent)}:{lineno}: {src} -> {target}"
-            if dst_room == "sim" and src_room not in ("sim", "commands"):
-                out.append(f"{where} (only the composition root may reach agent.sim)")
-            elif src_room == "sim" or dst_room == "sim":
-                continue
-            elif {src_room, dst_room} == {"boot", "serve"}:
-                out.append(f"{where} (boot and serve never import each other)")
-            elif RANK[dst_room] > RANK[src_room]:
-                out.append(f"{where} ({src_room} may not import the higher room {dst_room})")
-            elif src_room == "commands" and dst_room in ("boot", "serve") and src != f"agent.commands.{dst_room}":
-                # A command that needs what serve or boot computes takes it from a lower room, not their internals.
-                out.append(f"{where} (only agent.commands.{dst_room} reaches into agent.{dst_room})")
+    for path in sorted(root.rglob("*.py")):
+        src = module_name(path, root)
+        for lineno, target in imports_of(path, root):
+            why = broken_rule(src, target)
+            if why is not None:
+                out.append(f"{path.relative_to(root.parent)}:{lineno}: {src} -> {target} ({why})")
     return out
 
 
 def test_import_contract_holds() -> None:
     found = violations()
     assert not found, "layering violations:\n" + "\n".join(found)
+
+
+def write_tree(root: Path, modules: dict[str, str]) -> Path:
+    """A synthetic ``agent`` package under ``root`` (each module's source given; packages made as needed)."""
+    for name, source in modules.items():
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            pkg = root.joinpath(*parts[:i])
+            pkg.mkdir(parents=True, exist_ok=True)
+            (pkg / "__init__.py").touch()
+        path = root.joinpath(*parts).with_suffix(".py")
+        if path.with_suffix("").is_dir():
+            path = path.with_suffix("") / "__init__.py"
+        path.write_text(source)
+    return root / "agent"
 
 
 @pytest.mark.parametrize(("src", "dst", "ok"), [
@@ -105,17 +128,28 @@ def test_import_contract_holds() -> None:
     ("agent.commands.evidence", "agent.serve.collector", False),
     ("agent.commands.serve", "agent.serve.server", True),
 ])
-def test_the_rules_themselves(src: str, dst: str, ok: bool) -> None:
-    """The checker's own rules, so a broken checker cannot pass silently."""
-    s, d = room(src), room(dst)
-    if s == "commands" and d in ("boot", "serve"):
-        allowed = src == f"agent.commands.{d}"
-    elif d == "sim":
-        allowed = s in ("sim", "commands")
-    elif s == "sim":
-        allowed = True
-    elif {s, d} == {"boot", "serve"}:
-        allowed = False
+@pytest.mark.parametrize("form", ["import", "from", "in_function", "relative"])
+def test_the_checker_on_a_synthetic_tree(tmp_path: Path, src: str, dst: str, ok: bool, form: str) -> None:
+    """The real checker (:func:`violations`, as the contract test runs it) on a made-up package whose one
+    import is the case: a broken checker cannot pass silently, and every import form counts."""
+    parent, _, leaf = dst.rpartition(".")
+    if form == "relative":
+        src_parts, dst_parts = src.split("."), dst.split(".")
+        common = 0
+        while common < min(len(src_parts) - 1, len(dst_parts) - 1) and src_parts[common] == dst_parts[common]:
+            common += 1
+        dots = "." * (len(src_parts) - common)
+        rest = ".".join(dst_parts[common:-1])
+        source = f"from {dots}{rest} import {leaf}\n"
     else:
-        allowed = RANK[d] <= RANK[s]
-    assert allowed is ok
+        source = {"import": f"import {dst}\n", "from": f"from {parent} import {leaf}\n",
+                  "in_function": f"def f():\n    from {parent} import {leaf}\n    return {leaf}\n"}[form]
+    root = write_tree(tmp_path, {src: source, dst: "X = 1\n"})
+    found = violations(root)
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in found] == ([] if ok else [f"{src} -> {dst}"]), found
+
+
+def test_the_checker_sees_the_real_tree() -> None:
+    """The contract test walks the real package: a known allowed arrow is seen as an import."""
+    imports = imports_of(AGENT / "commands" / "serve.py")
+    assert any(target == "agent.serve.server" for _, target in imports), imports
