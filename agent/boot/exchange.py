@@ -1,5 +1,8 @@
 """One attempt of the boot exchange: nonce → REPORTDATA → quote → self-check → attestation.
 
+On SEV-SNP the "quote" is the bare 1184-byte attestation report, sent base64 in the same ``quote``
+field (sev-snp.md §0.3: the validator tells the kinds apart by the bytes).
+
 The request shape depends on the generation the VM speaks (reference §4, §10): which host serves
 the nonce and whether it takes ``?miner_hotkey=``, whether the body carries ``first_boot``, and
 whether the call is signed with the sr25519 request proof. Retrying is :mod:`agent.boot.retrying`'s
@@ -20,15 +23,12 @@ from agent.boot.failure import BootFailure
 from agent.boot.retrying import CallBudget
 from agent.boot.stages import StageTimer
 from agent.evidence.base import QuoteSource
+from agent.evidence.own_quote import QUOTE_V4, TDX, OwnEvidenceError, check_own_evidence
 from agent.evidence.report_data import ReportDataError, build_report_data
 from agent.exitcodes import EXIT_VERIFY_FAILED
-from agent.quote import QuoteError, parse_quote
 from agent.validator.client import ValidatorClient, compact_json
 from agent.validator.errors import ValidatorProtocolError
 from agent.validator.schemas import BootAttestationResponse, NonceResponse
-
-#: The Chutes validator reads the TD report at fixed v4 offsets (reference §3.4).
-QUOTE_V4 = 4
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Exchange:
     vm_name: str
     hotkey: str
     allow_quote_v5: bool = False
+    #: The TEE this guest is ("tdx" or "snp"), resolved by the boot after the network (flow.resolve_tee_stage).
+    tee: str = TDX
 
     async def nonce(self, client: ValidatorClient, query: bool, attempt: int) -> str:
         with self.timer.stage("nonce", attempt=attempt) as st, st.waiting("network"):
@@ -82,26 +84,24 @@ class Exchange:
         return raw
 
     def self_check(self, raw: bytes, rd: bytes, attempt: int, record: str = "measurements") -> None:
-        """Parse our own quote: REPORTDATA as built, debug off, and a v4 quote (the validator's offsets)."""
+        """Our own evidence under the one own-evidence policy (:mod:`agent.evidence.own_quote`): REPORTDATA
+        as built and debug off; TDX: a v4 quote (the validator's offsets); SEV-SNP: VMPL 0, a signed report."""
         with self.timer.stage("self_check", attempt=attempt) as st:
             try:
-                q = parse_quote(raw)
-            except QuoteError as exc:
-                raise BootFailure("self_check", f"own quote does not parse: {exc}", EXIT_VERIFY_FAILED) from None
-            if bytes(q.report_data) != rd:
-                raise BootFailure("self_check", "own quote: report_data differs from nonce || SHA-256(client cert "
-                                  "SPKI)", EXIT_VERIFY_FAILED)
-            if q.debug:
-                raise BootFailure("self_check", "own quote: TD DEBUG attribute is set; refusing to request keys",
-                                  EXIT_VERIFY_FAILED)
-            if q.version != QUOTE_V4 and not self.allow_quote_v5:
-                raise BootFailure("self_check", f"own quote is version {q.version}: the Chutes validator reads v4 "
-                                  "offsets only (boot.allow_quote_v5 = true for other verifiers)", EXIT_VERIFY_FAILED)
-            self.status[record] = {
-                "quote_version": q.version, "mr_td": q.mr_td.hex(),
-                **{f"rtmr{i}": getattr(q, f"rtmr{i}").hex() for i in range(4)}, "debug": bool(q.debug),
-            }
-            st.detail = f"v{q.version} report_data ok, debug off"
+                ev = check_own_evidence(raw, rd, tee=self.tee, allow_v5=self.allow_quote_v5)
+            except OwnEvidenceError as exc:
+                raise BootFailure("self_check", exc.message, EXIT_VERIFY_FAILED) from None
+            m = ev.measurements
+            if ev.tee == TDX:
+                self.status[record] = {
+                    "quote_version": ev.version, "mr_td": m["mr_td"], **{f"rtmr{i}": m[f"rtmr{i}"] for i in range(4)},
+                    "debug": ev.debug,
+                }
+                st.detail = f"v{ev.version} report_data ok, debug off"
+            else:
+                self.status[record] = {"tee": ev.tee, "report_version": ev.version, **m, "debug": ev.debug}
+                st.detail = (f"SNP v{ev.version} report_data ok, debug off, VMPL 0, {m['signing_key'].upper()}, "
+                             f"{m['product']}, measurement {m['measurement'][:16]}…")
 
     async def attest_once(self, shape: Shape, cert: x509.Certificate, attempt: int) -> BootAttestationResponse:
         nonce = await self.nonce(shape.nonce_client, shape.nonce_query, attempt)
@@ -124,4 +124,4 @@ class Exchange:
         return resp
 
 
-__all__ = ["Exchange", "Shape", "ValidatorProtocolError"]
+__all__ = ["QUOTE_V4", "Exchange", "Shape", "ValidatorProtocolError"]

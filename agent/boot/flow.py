@@ -1,7 +1,8 @@
 """The boot flow (docs/architecture.md; docs/reference/chutes-vm-generations.md §4), stage by stage, failing closed.
 
-config volume → network → ephemeral mTLS identity → [nonce → report_data → quote → self-check →
-attestation] with retries → LUKS2 header check → unlock → cache volume → hand-off files.
+config volume → network → TEE (TDX or SEV-SNP, as Chutes' next decides it after the network) → ephemeral
+mTLS identity → [nonce → report_data → quote → self-check → attestation] with retries → LUKS2 header check →
+unlock → cache volume → hand-off files.
 Hardware and tools come in through :class:`BootDeps`, so tests run this exact code against the
 faithful validator, an emulated configfs-tsm and real cryptsetup on image files.
 """
@@ -31,8 +32,10 @@ from agent.boot.handoff import remove_handoff_file, write_status
 from agent.boot.retrying import CallBudget
 from agent.boot.stages import StageTimer
 from agent.config import AgentConfig, BootConfig
+from agent.errors import AgentError
 from agent.evidence.base import QuoteSource
 from agent.evidence.mr_register import MeasurementRegister
+from agent.evidence.own_quote import TDX, TEE_NAMES, tee_resolution
 from agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from agent.log import get_logger
 from agent.validator.client import ValidatorClient
@@ -49,7 +52,9 @@ log = get_logger(__name__)
 class BootDeps:
     """Everything the flow touches outside itself."""
 
-    quote_source: QuoteSource
+    #: The evidence source; None = made by the boot itself after the network is up (``tee`` stage), so the TEE
+    #: is probed then, as Chutes' next does (``make_quote_source``: configfs-tsm for the resolved TEE).
+    quote_source: QuoteSource | None
     cryptsetup: Cryptsetup
     read_identity: Callable[[], BootIdentity]
     setup_network: Callable[[BootIdentity], str]
@@ -71,7 +76,8 @@ class BootOutcome:
     status: dict[str, Any] = field(default_factory=dict)
 
 
-def default_deps(cfg: AgentConfig, quote_source: QuoteSource, console: TextIO | None = None) -> BootDeps:
+def default_deps(cfg: AgentConfig, quote_source: QuoteSource | None = None,
+                 console: TextIO | None = None) -> BootDeps:
     """Production wiring: config volume by label, static network with ``ip``, the configured cryptsetup."""
     b = cfg.boot
 
@@ -112,6 +118,50 @@ def _check_urls(b: BootConfig) -> tuple[str, str, str]:
             key = "validator_url" if b.validator_url else name
             raise BootFailure("config", f"boot.{key} must be an https:// URL, got {url!r}", EXIT_USAGE)
     return tdx, api, legacy
+
+
+async def resolve_tee_stage(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> str:
+    """Which TEE this guest is, decided after the network is up as Chutes' next does (§12.8, sev-snp.md §5.1).
+
+    Without a source yet (``BootDeps.quote_source`` None, the ``boot`` command) it is made here
+    (:func:`agent.evidence.sources.make_quote_source`): ``quote.tee = "auto"`` probes the TDX guest device,
+    else the SEV guest device, neither: fail closed. With a production configfs-tsm source made earlier the
+    devices are probed again now and must agree with it. Any other source (simulated, emulated in tests)
+    says what it is. Recorded as ``tee`` / ``tee_resolved`` in the boot status, printed as the ``tee`` stage.
+    """
+    with timer.stage("tee") as st:
+        made_now = deps.quote_source is None
+        if made_now:
+            from agent.evidence.sources import make_quote_source
+
+            try:
+                deps.quote_source = await asyncio.to_thread(make_quote_source, cfg)
+            except AgentError as exc:  # TeeUnavailableError (neither device), a configuration error
+                raise BootFailure("tee", str(exc), exc.exit_code) from None
+            except (ValueError, OSError) as exc:
+                raise BootFailure("tee", f"quote source unavailable: {exc}", EXIT_UNAVAILABLE) from None
+            status["quote_source"] = deps.quote_source.name
+        source = deps.quote_source
+        name = str(getattr(source, "name", "") or "")
+        have = str(getattr(source, "tee", TDX))
+        if name == "configfs" and not made_now:
+            from agent.evidence.tee import resolve_tee
+
+            try:
+                tee = await asyncio.to_thread(resolve_tee, cfg.quote)
+            except AgentError as exc:  # TeeUnavailableError: neither device, fail closed
+                raise BootFailure("tee", str(exc), exc.exit_code) from None
+            if tee != have:
+                raise BootFailure("tee", f"this guest is {TEE_NAMES.get(tee, tee)} but the quote source was set "
+                                  f"up for {TEE_NAMES.get(have, have)} (quote.tee)", EXIT_UNAVAILABLE)
+        else:
+            tee = have
+        if tee not in TEE_NAMES:
+            raise BootFailure("tee", f"quote source {name or '?'} names an unknown TEE {tee!r}", EXIT_UNAVAILABLE)
+        how = tee_resolution(cfg.quote, tee, name)
+        status.update(tee=tee, tee_resolved=how)
+        st.detail = f"{TEE_NAMES[tee]} ({how})"
+    return tee
 
 
 async def prepare(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dict[str, Any]) -> BootIdentity:
@@ -196,6 +246,7 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
     done = False
     try:
         ident = await prepare(cfg, deps, timer, status)
+        tee = await resolve_tee_stage(cfg, deps, timer, status)
         identity = await _identity(keygen, timer)
         # the two RSA-2048 leaf keys (1.4.0) are made meanwhile, during the attestation's network waits
         leaf_keys = [vm_ca.start_in_thread(vm_ca.generate_leaf_key) for _ in range(2)] if b.protocol in (
@@ -203,7 +254,9 @@ async def _boot(cfg: AgentConfig, deps: BootDeps, timer: StageTimer, status: dic
         mtls, plain = client_ctx(b, identity), client_ctx(b, None)
         budget = CallBudget(RetryPolicy(b.max_attempts, b.total_timeout_s, b.backoff_s, b.backoff_max_s),
                             timer, deps.sleep)
-        ex = Exchange(deps.quote_source, timer, budget, status, ident.vm_name, ident.miner_hotkey, b.allow_quote_v5)
+        assert deps.quote_source is not None  # made by the tee stage at the latest
+        ex = Exchange(deps.quote_source, timer, budget, status, ident.vm_name, ident.miner_hotkey, b.allow_quote_v5,
+                      tee=tee)
         async with contextlib.AsyncExitStack() as stack:
             clients = generations.Clients(
                 *[await stack.enter_async_context(ValidatorClient(u, c, b.request_timeout_s, pins))
@@ -304,7 +357,8 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
     timer = StageTimer(deps.console)
     started = dt.datetime.now(dt.UTC)
     status: dict[str, Any] = {
-        "outcome": "running", "started_at": started.isoformat(), "quote_source": deps.quote_source.name,
+        "outcome": "running", "started_at": started.isoformat(),
+        "quote_source": deps.quote_source.name if deps.quote_source is not None else cfg.quote.source,
         "unlock_action": cfg.boot.unlock_action, "validator_url": base_urls(cfg.boot)[0],
     }
     outcome = BootOutcome(True, 0)
@@ -332,7 +386,8 @@ async def run_boot(cfg: AgentConfig, deps: BootDeps, *, poweroff: bool, force_po
         write_status(cfg.serve.boot_status_path, status)
     except OSError as exc:
         log.warning("boot.status_write_failed", path=cfg.serve.boot_status_path, error=str(exc))
-    log.info("boot.done", outcome=status["outcome"], reason=outcome.reason or None, **status["timings"])
+    log.info("boot.done", outcome=status["outcome"], reason=outcome.reason or None, tee=status.get("tee"),
+             **status["timings"])
     if not outcome.ok:
         outcome.failure_line = failure.announce(outcome.reason, cfg.boot.kmsg_path, deps.console, marker)
         if poweroff:

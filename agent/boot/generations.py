@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import grp
 import os
-from collections.abc import Awaitable, Callable
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote as urlquote
@@ -39,8 +41,10 @@ from agent.boot.root_unlock import header_dict, unlock_root
 from agent.boot.stages import StageTimer
 from agent.config import AgentConfig
 from agent.evidence.mr_register import MeasurementRegister
-from agent.evidence.rootfs_measure import MARKERS, RootfsMeasureError, measure_rootfs
+from agent.evidence.own_quote import SNP, TDX
+from agent.evidence.rootfs_measure import MARKERS, RootfsMeasureError, measure_rootfs, verify_rootfs_snp
 from agent.exitcodes import EXIT_VERIFY_FAILED
+from agent.fsutil import ensure_dir, write_atomic
 from agent.log import Secret, get_logger
 from agent.validator.client import ValidatorClient, compact_json
 from agent.validator.errors import ValidatorError
@@ -156,39 +160,97 @@ async def root_14(run: Run, resp: BootAttestationResponse) -> None:
 # ── RTMR3 chain ──────────────────────────────────────────────────────────────
 
 async def rtmr3_chain(run: Run) -> None:
-    """Measure the new root into RTMR3 before any quote that must carry the final value (§6)."""
+    """The rootfs step: on TDX measure the new root into RTMR3 before any quote that must carry the final
+    value (§6); on SEV-SNP (no RTMR3) compare the root's list digest with the baked manifest's (§12.8)."""
+    if run.ex.tee == SNP:
+        await rootfs_snp(run)
+        return
     b = run.b
     with run.timer.stage("rtmr3") as st:
         if not b.rtmr3_chain:
             st.result, st.detail = "skipped", "boot.rtmr3_chain = false"
             return
-        mount = ""
-        root = b.rootfs_dir
         try:
-            if not root:
-                if b.unlock_action != "open":
-                    raise RootfsMeasureError("boot.rootfs_dir is required when the root is not opened "
-                                             "(unlock_action = test-passphrase)")
-                mount = os.path.join(os.path.dirname(b.header_dir.rstrip("/")) or "/run", "rootfs")
-                await asyncio.to_thread(mount_ro, f"/dev/mapper/{b.root_mapper}", mount, b.rootfs_type)
-                root = mount
-            conf, manifest = b.measure_files()
-            result = await asyncio.to_thread(measure_rootfs, root, conf, manifest, run.rtmr3,
-                                             scheme=b.rtmr3_scheme)
+            async with _measured_root(b) as root:
+                conf, manifest = b.measure_files()
+                result = await asyncio.to_thread(measure_rootfs, root, conf, manifest, run.rtmr3,
+                                                 scheme=b.rtmr3_scheme)
         except RootfsMeasureError as exc:
             raise BootFailure("rtmr3", exc.message, EXIT_VERIFY_FAILED, marker=_marker(b)) from None
         except (DeviceError, OSError) as exc:
             raise BootFailure("rtmr3", str(exc), EXIT_VERIFY_FAILED, marker=_marker(b)) from None
-        finally:
-            if mount:
-                try:
-                    await asyncio.to_thread(umount, mount)
-                except DeviceError as exc:
-                    log.warning("boot.rtmr3_umount_failed", error=str(exc))
         run.status["rtmr3"] = {"scheme": result.scheme, "files": result.files, "bytes": result.total_bytes,
                                "extensions": len(result.extensions()), "absent": len(result.absent),
                                "unchecked": result.unchecked, "value": result.rtmr3.hex()}
         st.detail = f"{result.scheme} scheme, {result.files} files, RTMR3 {result.rtmr3.hex()[:16]}…"
+
+
+@contextlib.asynccontextmanager
+async def _measured_root(b: Any) -> AsyncIterator[str]:
+    """The new root as a directory: ``boot.rootfs_dir``, else the opened root mounted read-only (and unmounted)."""
+    if b.rootfs_dir:
+        yield b.rootfs_dir
+        return
+    if b.unlock_action != "open":
+        raise RootfsMeasureError("boot.rootfs_dir is required when the root is not opened "
+                                 "(unlock_action = test-passphrase)")
+    mount = os.path.join(os.path.dirname(b.header_dir.rstrip("/")) or "/run", "rootfs")
+    await asyncio.to_thread(mount_ro, f"/dev/mapper/{b.root_mapper}", mount, b.rootfs_type)
+    try:
+        yield mount
+    finally:
+        try:
+            await asyncio.to_thread(umount, mount)
+        except DeviceError as exc:
+            log.warning("boot.rtmr3_umount_failed", error=str(exc))
+
+
+#: SEV-SNP has one rootfs scheme: Chutes' next (``sort -u``, SHA-384 of the list text; §12.2, sev-snp.md §5.2).
+SNP_SCHEME = "next"
+M_ROOTFS = MARKERS[SNP_SCHEME].rstrip(":")
+
+
+async def rootfs_snp(run: Run) -> None:
+    """SEV-SNP: nothing about the root is in the report, so the measured initramfs refuses a root whose list
+    digest differs from the manifest's, and leaves the digest in ``boot.rootfs_digest_file`` (0444) for the
+    image's ``rootfs-verify`` (sev-snp.md §5.2). Every failure: ``ROOTFS-MEASURE-FAILED``, fail closed."""
+    b = run.b
+    with run.timer.stage("rootfs") as st:
+        if not b.rtmr3_chain:
+            st.result, st.detail = "skipped", "boot.rtmr3_chain = false (SEV-SNP: no rootfs digest is left)"
+            return
+        if b.rtmr3_scheme != SNP_SCHEME:
+            log.warning("boot.rootfs_snp_scheme", configured=b.rtmr3_scheme, used=SNP_SCHEME,
+                        why="SEV-SNP guests run Chutes' next images only: the next list rules apply")
+        conf, manifest = b.measure_files()
+        try:
+            async with _measured_root(b) as root:
+                check = await asyncio.to_thread(verify_rootfs_snp, root, conf, manifest)
+            await asyncio.to_thread(write_rootfs_digest, b.rootfs_digest_file, check.digest)
+        except RootfsMeasureError as exc:
+            raise BootFailure("rootfs", exc.message, EXIT_VERIFY_FAILED, marker=M_ROOTFS) from None
+        except (DeviceError, OSError) as exc:
+            raise BootFailure("rootfs", str(exc), EXIT_VERIFY_FAILED, marker=M_ROOTFS) from None
+        r = check.result
+        run.status["rootfs"] = {"tee": SNP, "scheme": SNP_SCHEME, "files": r.files, "bytes": r.total_bytes,
+                                "absent": len(r.absent), "manifest_files": check.manifest_files,
+                                "digest": check.digest.hex(), "digest_file": b.rootfs_digest_file}
+        st.detail = (f"SEV-SNP: {r.files} files, list digest {check.digest.hex()[:16]}… == manifest's; "
+                     f"{b.rootfs_digest_file}")
+
+
+def write_rootfs_digest(path: str, digest: bytes) -> None:
+    """Lowercase hex + newline, 0444, written atomically (temp file + rename: a symlink at ``path`` is replaced,
+    never followed); the parent directory is made 0755 if missing (``/run/sek8s``), refused if it is a symlink."""
+    parent = os.path.dirname(path) or "."
+    try:
+        st = os.lstat(parent)
+    except FileNotFoundError:
+        ensure_dir(parent, 0o755)
+    else:
+        if not stat.S_ISDIR(st.st_mode):  # a symlinked /run/sek8s is not followed
+            raise NotADirectoryError(f"{parent}: not a directory (boot.rootfs_digest_file)")
+    write_atomic(path, digest.hex().encode("ascii") + b"\n", 0o444)
 
 
 def _marker(b: Any) -> str:
@@ -264,7 +326,7 @@ async def storage_volumes(run: Run, gen: str, keys: StorageKeysResponse) -> None
         try:
             result = await storage.setup_storage(
                 run.cs, vk, storage.settings_from_config(b, gen), confirm=confirm if confirm_nonce else None,
-                extend_rtmr3=_extend_rtmr3(run), before_confirm=write_k3s)
+                extend_rtmr3=_extend_rtmr3(run) if run.ex.tee == TDX else None, before_confirm=write_k3s)
         except storage.StorageError as exc:
             raise BootFailure("storage", str(exc), marker=exc.marker) from None
         except (CryptsetupError, DeviceError) as exc:

@@ -55,24 +55,14 @@ def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     import asyncio
 
     from agent.boot.flow import default_deps, run_boot
-    from agent.cli import EXIT_UNAVAILABLE
-    from agent.evidence.base import QuoteSourceError
-    from agent.evidence.sources import make_quote_source
 
     poweroff = cfg.boot.poweroff and not args.no_poweroff
     if not poweroff:
         print("chutes-attest: WARNING: --no-poweroff / boot.poweroff=false: a failed unlock will NOT power off "
               "this VM (debug only)", file=sys.stderr, flush=True)
-    try:
-        source = make_quote_source(cfg)
-    except (QuoteSourceError, ValueError, OSError) as exc:
-        from agent.boot.failure import announce, power_off
-
-        announce(f"quote: source unavailable: {exc}", cfg.boot.kmsg_path)
-        if poweroff:
-            power_off(args.force_poweroff)
-        return EXIT_UNAVAILABLE
-    deps = default_deps(cfg, source)
+    # The quote source is made by the flow's ``tee`` stage, after the network (as Chutes' next image detects
+    # the TEE); a missing device or source fails closed there with the boot's marker.
+    deps = default_deps(cfg)
     deps.keygen = keygen
     # SIGTERM/SIGINT end the boot like a failure: the same clean-up of what it wrote on tmpfs, the marker
     # line, power-off if configured, exit 128 + the signal number (flow._until_signal).

@@ -1,6 +1,9 @@
 """Check this VM's attestation prerequisites and say what is wrong, one line per check.
 
-tdx_guest module and device, the configfs-tsm provider, a real quote through configfs (QGS answering),
+The TEE (Intel TDX or AMD SEV-SNP: pinned by ``quote.tee`` or probed as the boot does, and how), its guest
+module and device (tdx_guest / sev_guest), the configfs-tsm provider, a real quote through configfs (QGS
+answering) or, on SEV-SNP, a real report with its fields and a local verification (VCEK/VLEK from the host's
+certificate table or ``quote.snp_vek_file``; without one it says so: nothing is ever fetched),
 NVML, GPU confidential-computing mode, the optional vTPM, the service identity (the boot's CA-signed leaf on
 1.4.0+, else the self-signed pair, and why), both service sockets and the node-wide load figures (every
 caller's requests, rate limits, quotes, nonces, connections) that only the compat socket serves. A v5 quote
@@ -44,6 +47,45 @@ def check_tdx_guest(sysfs: str = "/sys", dev: str = "/dev") -> Check:
                                       "run 'modprobe tdx_guest'")
 
 
+def check_sev_guest(sysfs: str = "/sys", dev: str = "/dev/sev-guest") -> Check:
+    loaded = Path(sysfs, "module", "sev_guest").exists()
+    device = Path(dev)
+    if device.exists():
+        return Check("sev_guest", "ok", f"{device} present" + (" (module loaded)" if loaded else " (built in)"))
+    if loaded:
+        return Check("sev_guest", "fail", f"module sev_guest loaded but {device} missing (udev/devtmpfs?)")
+    return Check("sev_guest", "fail", f"no {device} and module sev_guest not loaded: not an SEV-SNP guest, or run "
+                                      "'modprobe sev-guest'")
+
+
+def resolve_tee(cfg: AgentConfig) -> tuple[str | None, Check]:
+    """(the TEE or None, the ``tee`` check): pinned by ``quote.tee``, probed like the boot (TDX device, then
+    SEV device), or what the simulated source makes."""
+    from agent.evidence.own_quote import TDX, TEE_NAMES, TEES, tee_resolution
+
+    q = cfg.quote
+    if q.source == "simulated":
+        tee = q.tee if q.tee in TEES else TDX
+        how = f'quote.source = "simulated", quote.tee = "{q.tee}"'
+        return tee, Check("tee", "warn", f"{TEE_NAMES[tee]} ({how}: evidence is NOT hardware)")
+    from agent.errors import AgentError
+    from agent.evidence.tee import resolve_tee as probe
+
+    try:
+        tee = probe(q)
+    except AgentError as exc:
+        return None, Check("tee", "fail", str(exc))
+    return tee, Check("tee", "ok", f"{TEE_NAMES.get(tee, tee)} ({tee_resolution(q, tee)})")
+
+
+def check_guest_device(cfg: AgentConfig, tee: str | None) -> Check:
+    """The guest device of the TEE in effect (the TDX one when none was found)."""
+    if tee == "snp":
+        return check_sev_guest(dev=cfg.quote.sev_device)
+    device = Path(cfg.quote.tdx_device)
+    return check_tdx_guest(dev=str(device.parent)) if device.name == "tdx_guest" else check_tdx_guest()
+
+
 def check_tsm(cfg: AgentConfig) -> Check:
     root = Path(cfg.quote.configfs_root)
     if cfg.quote.source == "simulated":
@@ -60,7 +102,9 @@ def check_tsm(cfg: AgentConfig) -> Check:
     return Check("tsm", "ok", f"{root} present and writable (provider checked on the test quote)")
 
 
-def check_quote(cfg: AgentConfig) -> Check:
+def check_quote(cfg: AgentConfig, tee: str | None = "tdx") -> Check:
+    if tee == "snp":
+        return check_snp_report(cfg)
     from agent.evidence.base import EvidenceError
     from agent.evidence.sources import make_quote_source
     from agent.quote import parse_quote
@@ -88,6 +132,87 @@ def check_quote(cfg: AgentConfig) -> Check:
         return Check("quote", "warn", f"{detail}; served on the compat socket because quote.allow_v5 = true, "
                                       "but the validator reads v4 offsets only")
     return Check("quote", "warn" if (sim or debug) else "ok", detail)
+
+
+def _snp_vek(cfg: AgentConfig) -> tuple[bytes | None, str]:
+    """(``quote.snp_vek_file`` bytes or None, what to say about it)."""
+    path = cfg.quote.snp_vek_file
+    if not path:
+        return None, "quote.snp_vek_file is unset"
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1 << 20), f"VCEK/VLEK from {path}"
+    except OSError as exc:
+        return None, f"quote.snp_vek_file {path}: {exc.strerror}"
+
+
+def check_snp_report(cfg: AgentConfig) -> Check:
+    """A real SEV-SNP report through the configured source, its fields, the own-evidence policy, and a local
+    verification (signature, VCEK/VLEK chain to AMD's pinned ARK, TCB, hwID, DEBUG, VMPL, REPORT_DATA) with the
+    VCEK from the host's certificate table (auxblob) or ``quote.snp_vek_file``. Nothing is ever fetched."""
+    import warnings
+
+    from agent.evidence.base import EvidenceError
+    from agent.evidence.own_quote import OwnEvidenceError, check_own_evidence
+    from agent.evidence.sources import make_quote_source
+    from agent.quote.snp_parser import parse_snp_report
+    from agent.quote.snp_verify import verify_snp_report
+
+    rd = os.urandom(64)
+    started = time.monotonic()
+    try:
+        source = make_quote_source(cfg)
+        if hasattr(source, "get_evidence"):
+            ev = source.get_evidence(rd)
+            raw, aux = bytes(ev.raw), bytes(ev.aux or b"")
+        else:
+            raw, aux = source.get_quote(rd), b""
+        report = parse_snp_report(raw)
+    except EvidenceError as exc:
+        return Check("quote", "fail", f"no SEV-SNP report: {exc}")
+    except Exception as exc:
+        return Check("quote", "fail", f"SEV-SNP report does not parse: {type(exc).__name__}: {exc}")
+    took = time.monotonic() - started
+    name = getattr(source, "name", "?")
+    simulated = name == "simulated" or cfg.quote.source == "simulated"
+    fields = (f"{len(raw)}-byte SEV-SNP v{report.version} report in {took:.2f}s from {name}"
+              f"{' (SIMULATED)' if simulated else ''}: {report.product or 'product unknown'}, "
+              f"{report.signing_key_name}, POLICY 0x{report.policy:x}, VMPL {report.vmpl}, firmware "
+              f"{report.current_firmware}, REPORTED_TCB {bytes(report.reported_tcb).hex()}, MEASUREMENT "
+              f"{bytes(report.measurement).hex()[:24]}…, CHIP_ID {bytes(report.chip_id).hex()[:16]}…")
+    try:
+        check_own_evidence(raw, rd, tee="snp", refusal="validators will refuse it")
+    except OwnEvidenceError as exc:
+        return Check("quote", "fail", f"{fields}; {exc.message}")
+    vek, vek_said = _snp_vek(cfg)
+    arks = chain = None
+    against = "AMD's pinned ARK"
+    if simulated:  # quote.source = "simulated" only: its own simulated AMD chain, said so on the line
+        from agent.sim.snp_sim import sim_kds
+
+        kds = sim_kds(cfg.quote.simulated_state_dir)
+        arks, chain = list(kds.arks), kds.chain_pem
+        against = "the SIMULATED AMD root (not hardware)"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*serial number.*")
+            result = verify_snp_report(report, vek=vek, cert_table=aux or None, chain_pem=chain,
+                                       trusted_arks=arks, expected_report_data=rd)
+    except (ValueError, EvidenceError) as exc:
+        return Check("quote", "fail", f"{fields}; local verification could not run: {exc}")
+    if result.vek_source is None:
+        where = "the host's certificate table (auxblob) is empty" if not aux else "the auxblob has no VCEK/VLEK"
+        return Check("quote", "warn", f"{fields}; local verification not possible: no VCEK available ({where}, "
+                                      f"{vek_said}); nothing is fetched: AMD's KDS is never contacted by this agent "
+                                      "(the validator fetches the VCEK itself)")
+    if not result.ok:
+        bad = ", ".join(f"{c.name}: {c.detail}" for c in result.failed())
+        return Check("quote", "fail", f"{fields}; local verification FAILED against {against} "
+                                      f"(VEK from {result.vek_source}): {bad}")
+    return Check("quote", "warn" if simulated else "ok",
+                 f"{fields}; locally verified against {against}: {len(result.checks)} checks passed (VEK from "
+                 f"{result.vek_source}, chain {result.chain_source}); not checked: {len(result.not_checked)} "
+                 "item(s) (the launch digest against published values, revocation, minimum TCB)")
 
 
 def check_gpus(cfg: AgentConfig) -> list[Check]:
@@ -228,8 +353,9 @@ def check_tpm(cfg: AgentConfig) -> Check:
 def run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     import json
 
-    checks: list[Check] = [check_tdx_guest(), check_tsm(cfg)]
-    checks.append(Check("quote", "skip", "--skip-quote") if args.skip_quote else check_quote(cfg))
+    tee, tee_check = resolve_tee(cfg)
+    checks: list[Check] = [tee_check, check_guest_device(cfg, tee), check_tsm(cfg)]
+    checks.append(Check("quote", "skip", "--skip-quote") if args.skip_quote else check_quote(cfg, tee))
     checks += check_gpus(cfg)
     checks.append(check_tpm(cfg))
     checks.append(check_cert(cfg))

@@ -28,10 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(quote: bytes) -> dict[str, object]:
+    from agent.quote.kind import evidence_kind
+    from agent.quote.snp_parser import parse_snp_report
+
+    if evidence_kind(quote) == "snp":
+        r = parse_snp_report(quote)
+        return {
+            "tee": "snp", "version": r.version, "product": r.product, "measurement": r.measurement.hex(),
+            "policy": f"0x{r.policy:x}", "vmpl": r.vmpl, "signing_key": r.signing_key, "debug": r.debug,
+            "reported_tcb": r.reported_tcb.hex(), "chip_id": r.chip_id.hex(), "report_data": r.report_data.hex(),
+            "firmware": r.current_firmware,
+        }
     from agent.quote import parse_quote
 
     q = parse_quote(quote)
     return {
+        "tee": "tdx",
         "version": q.version, "tee_type": f"0x{q.tee_type:08x}", "quote_len": q.quote_len,
         "trailing_len": q.trailing_len, "mr_td": q.mr_td.hex(), "rtmr0": q.rtmr0.hex(), "rtmr1": q.rtmr1.hex(),
         "rtmr2": q.rtmr2.hex(), "rtmr3": q.rtmr3.hex(), "td_attributes": q.td_attributes.hex(), "debug": q.debug,

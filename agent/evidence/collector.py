@@ -1,6 +1,7 @@
 """Evidence building blocks shared by ``/v1/evidence``, the compat routes and ``chutes-attest evidence``.
 
-Quote work always goes through the evidence queue (bounded, deadline-aware); REPORTDATA is always
+Quote work always goes through the evidence queue (bounded, deadline-aware); the evidence is the quote
+source's TEE's (a TDX quote or an SEV-SNP report, named by ``tee`` in ``/v1/evidence``); REPORTDATA is always
 ``nonce ‖ SHA-256(SPKI of the service cert)`` built by :mod:`agent.evidence.report_data`. Tracks the
 health the watchdog needs: the last quote outcome and how long the oldest quote has been in flight.
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import AgentConfig
 from agent.evidence.base import EvidenceError, GpuEvidenceSource, QueueFullError
 from agent.evidence.device_info import GpuIdError, sanitize_uuid
+from agent.evidence.own_quote import TDX
 from agent.evidence.report_data import parse_nonce
 from agent.evidence.service_identity import ServiceCert
 from agent.evidence.tpm import collect_tpm_evidence, resolve_tcti
@@ -58,6 +60,11 @@ def quote_version(quote: bytes) -> int:
     return int.from_bytes(quote[:2], "little")
 
 
+def snp_report_version(report: bytes) -> int:
+    """An SEV-SNP attestation report's VERSION (u32 little-endian at offset 0): 2 to 5."""
+    return int.from_bytes(report[:4], "little")
+
+
 def compat_gpu_id(raw: str) -> str | None:
     """One compat ``gpu_ids`` value -> canonical 32-hex id, None when it can name no GPU (dropped).
 
@@ -76,15 +83,23 @@ def compat_gpu_id(raw: str) -> str | None:
                          "or a bare UUID)") from None
 
 
+def _source_tee(queue: object) -> str:
+    source = getattr(queue, "source", None) or getattr(queue, "_source", None)
+    return str(getattr(source, "tee", TDX))
+
+
 class Collector:
     """Quote + GPU evidence + device info for one nonce, bound to the service certificate."""
 
     def __init__(self, cfg: AgentConfig, cert: ServiceCert, queue: QuoteQueue,
-                 gpu: GpuEvidenceSource | None) -> None:
+                 gpu: GpuEvidenceSource | None, *, tee: str | None = None) -> None:
         self.cfg = cfg
         self.cert = cert
         self.queue = queue
         self.gpu = gpu
+        #: The TEE whose evidence :meth:`quote` returns ("tdx" or "snp"): the quote source's (every source
+        #: has ``.tee``; one without is a TDX source from before SEV-SNP existed).
+        self.tee = tee if tee is not None else _source_tee(queue)
         self.health = SourceHealth()
         self._seq = 0
         self._uuids: list[str] | None = None
@@ -94,7 +109,8 @@ class Collector:
         return parse_nonce(nonce) + self.cert.spki_sha256
 
     async def quote(self, nonce: bytes, *, caller: str = "") -> bytes:
-        """A quote whose REPORTDATA is nonce ‖ SHA-256(SPKI(service cert)); errors propagate typed."""
+        """A quote (TDX) or bare attestation report (SEV-SNP) whose REPORTDATA is nonce ‖ SHA-256(SPKI(service
+        cert)); errors propagate typed."""
         rd = self.report_data(nonce)
         self._seq += 1
         seq = self._seq
@@ -155,9 +171,10 @@ class Collector:
         if self.cfg.tpm.mode != "off" and resolve_tcti(self.cfg.tpm) is not None:
             tpm = await asyncio.to_thread(collect_tpm_evidence, self.cfg, nonce)
         return {
+            "tee": self.tee,
             "nonce": nonce.hex(),
             "report_data": self.report_data(nonce).hex(),
-            "quote_version": quote_version(quote),
+            "quote_version": quote_version(quote) if self.tee == TDX else snp_report_version(quote),
             "quote": base64.b64encode(quote).decode(),
             "gpu_evidence": gpu,
             "certificate": self.cert.pem,

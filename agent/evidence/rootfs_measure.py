@@ -67,10 +67,31 @@ _MAX_SYMLINK_HOPS = 40
 _TRIM = {"1.4": b" ", "next": b" \t\r"}
 
 __all__ = [
-    "DIGEST_LEN", "MARKER", "MARKERS", "SCHEMES", "ZERO", "MeasuredFile", "RootfsMeasureError",
-    "RootfsMeasurement", "chain", "default_workers", "extend_value", "format_manifest", "list_text",
-    "measure_rootfs", "parse_manifest", "parse_measure_conf", "plan", "predict_entries",
-    "read_manifest", "read_measure_conf",
+    "DIGEST_LEN",
+    "MARKER",
+    "MARKERS",
+    "SCHEMES",
+    "SNP_MISMATCH",
+    "ZERO",
+    "MeasuredFile",
+    "RootfsMeasureError",
+    "RootfsMeasurement",
+    "SnpRootfsCheck",
+    "chain",
+    "default_workers",
+    "extend_value",
+    "format_manifest",
+    "list_digest",
+    "list_text",
+    "manifest_list_text",
+    "measure_rootfs",
+    "parse_manifest",
+    "parse_measure_conf",
+    "plan",
+    "predict_entries",
+    "read_manifest",
+    "read_measure_conf",
+    "verify_rootfs_snp",
 ]
 
 
@@ -480,3 +501,68 @@ def measure_rootfs(
              unchecked=result.unchecked, listed_not_measured=result.not_measured, rtmr3=result.rtmr3.hex(),
              hash_ms=round(hashed_s * 1000, 1), total_ms=round(result.seconds * 1000, 1))
     return result
+
+
+# -- SEV-SNP: no RTMR3, the list digest is compared with the manifest's (sev-snp.md §5.2) ---------------
+
+#: What Chutes' rootfs-measure prints on SNP when the digests differ (after ``ROOTFS-MEASURE-FAILED:``).
+SNP_MISMATCH = "SEV-SNP: root filesystem does not match the canonical manifest"
+
+
+@dataclass
+class SnpRootfsCheck:
+    """Result of :func:`verify_rootfs_snp`: the measurement and the two SHA-384 values (equal on success)."""
+
+    result: RootfsMeasurement
+    digest: bytes
+    manifest_digest: bytes
+    manifest_files: int
+
+
+def list_digest(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """SHA-384 of the list text (§12.2): next's single RTMR3 extension on TDX, the whole root check on SNP."""
+    return hashlib.sha384(list_text(entries)).digest()
+
+
+def manifest_list_text(manifest: dict[bytes, bytes]) -> bytes:
+    """The list text rebuilt from a path-first manifest (fields swapped back), in the list's byte-wise path order."""
+    return list_text(sorted(manifest.items()))
+
+
+def _snp_difference(entries: list[tuple[bytes, bytes]], manifest: dict[bytes, bytes]) -> str:
+    """Why two list digests differ, for the console line: counts and the first file of each kind."""
+    measured = dict(entries)
+    changed = [rel for rel, d in entries if rel in manifest and manifest[rel] != d]
+    extra = [rel for rel, _ in entries if rel not in manifest]
+    missing = sorted(rel for rel in manifest if rel not in measured)
+    parts = []
+    for what, rels in (("changed", changed), ("not in the manifest", extra), ("listed but absent", missing)):
+        if rels:
+            parts.append(f"{len(rels)} {what}, first {show_path(rels[0])}")
+    return "; ".join(parts) or "same files and hashes, different list text"
+
+
+def verify_rootfs_snp(root: str, measure_conf: str, manifest: str, *, workers: int | None = None) -> SnpRootfsCheck:
+    """Boot step on SEV-SNP: the root's list digest must equal the one rebuilt from the baked manifest.
+
+    The "next" rules (§12.1/§12.2: ``sort -u``, list text ``<sha384> <path>``) on both sides, as Chutes'
+    ``rootfs-measure`` does on SNP. Any difference — a changed file, a measured file the manifest does not
+    name, a named file that is gone — fails closed with :data:`SNP_MISMATCH` and the first file to blame.
+    A missing or malformed list or manifest fails too. Nothing is extended (there is no RTMR3).
+    """
+    scheme = "next"
+    paths = read_measure_conf(measure_conf, scheme)
+    expected = read_manifest(manifest, scheme)
+    result = predict_entries(root, paths, scheme=scheme, workers=workers)
+    digest = list_digest(result.entries)
+    want = hashlib.sha384(manifest_list_text(expected)).digest()
+    measured = {rel for rel, _ in result.entries}
+    result.unchecked = sum(1 for rel in measured if rel not in expected)
+    result.not_measured = sum(1 for rel in expected if rel not in measured)
+    if digest != want:
+        raise RootfsMeasureError(
+            f"{SNP_MISMATCH} (list digest {digest.hex()[:16]}…, manifest {want.hex()[:16]}…: "
+            f"{_snp_difference(result.entries, expected)})", scheme=scheme)
+    log.info("rootfs.snp_verified", files=result.files, bytes=result.total_bytes, digest=digest.hex(),
+             absent=[show_path(p) for p in result.absent][:20], total_ms=round(result.seconds * 1000, 1))
+    return SnpRootfsCheck(result, digest, want, len(expected))

@@ -12,7 +12,7 @@ image's ``runtime_rtmr3``. It goes through :class:`~agent.evidence.rtmr.RtmrExte
 RTMR event log, read back). Once per boot: a service restart that finds the event already applied
 (register == replayed log, event in the log) does not extend again. A register that is neither zero
 nor explained by the log (e.g. a ≥1.3 image whose rootfs chain already ran) fails closed: this
-setting is for ≤1.2 images only.
+setting is for ≤1.2 images only. SEV-SNP guests have no RTMR3: there the event is skipped (logged).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 from agent.errors import UnavailableError
 from agent.evidence.base import EvidenceError
 from agent.evidence.mr_register import ZERO
+from agent.evidence.own_quote import TDX
 from agent.evidence.rtmr import RtmrError, RtmrExtender, replay_event_log
 from agent.log import get_logger
 
@@ -57,8 +58,15 @@ def _logged(event_log: str) -> bool:
     return False
 
 
-def apply_runtime_event(sysfs_path: str, event_log: str) -> bytes:
-    """Extend RTMR3 with the runtime event unless this boot already did; returns the register value."""
+def apply_runtime_event(sysfs_path: str, event_log: str, *, tee: str = TDX) -> bytes | None:
+    """Extend RTMR3 with the runtime event unless this boot already did; returns the register value.
+
+    On SEV-SNP there is no RTMR3 (and no ≤1.2 SNP image): nothing is extended, the skip is logged, None.
+    """
+    if tee != TDX:
+        log.info("rtmr.runtime_event", result="skipped", tee=tee,
+                 reason="no RTMR3 on this TEE: the runtime event exists for TDX ≤1.2 images only")
+        return None
     ext = RtmrExtender(sysfs_path, event_log)
     try:
         current = ext.read()

@@ -4,9 +4,11 @@ The node's attestation-proxy and chute SDKs talk to this socket unchanged, byte 
 reference answers (FastAPI + ORJSONResponse: compact separators, ``application/json``):
 
 - ``/health`` -> ``"pong"``;
-- ``/attest?nonce&gpu_ids`` -> ``{"tdx_quote": b64, "nvtrust_evidence": "<JSON list as a string>"}``,
-  exactly one quote key (the ≤1.4.0 shape; this agent is TDX-only);
-- ``/tdx/quote?nonce`` and its TEE-neutral alias ``/quote`` -> a JSON string (base64 quote);
+- ``/attest?nonce&gpu_ids`` -> ``{"tdx_quote": b64, "nvtrust_evidence": "<JSON list as a string>"}`` on TDX,
+  ``{"snp_quote": b64(raw 1184-byte report), "nvtrust_evidence": ...}`` on SEV-SNP: exactly one quote key,
+  named by the TEE (the newest reference's ``f"{tee_type}_quote"``, sev-snp.md §5.3);
+- ``/tdx/quote?nonce`` and its TEE-neutral alias ``/quote`` -> a JSON string (base64 quote or SNP report,
+  whichever TEE this is: both routes, as the reference serves them);
 - ``/nvtrust/evidence?name&nonce&gpu_ids`` -> a JSON string holding the evidence list. ``nonce`` is
   optional as it is there; without one the GPUs sign a fresh random nonce drawn here, which binds the
   evidence to nothing the caller chose (it proves only that it was made just now, for whoever trusts this
@@ -15,8 +17,9 @@ reference answers (FastAPI + ORJSONResponse: compact separators, ``application/j
 
 ``nonce`` is trimmed and lower-cased, then must be exactly 64 hex characters (400 otherwise, with the
 reference's messages). ``gpu_ids`` follows the reference's filter (see :mod:`agent.evidence.collector`):
-an id that is merely unknown is dropped, never a 400. Quotes are v4 only unless ``quote.allow_v5``: the
-validator reads v4 offsets, so a v5 quote is refused here (503) rather than failing there. Errors keep
+an id that is merely unknown is dropped, never a 400. TDX quotes are v4 only unless ``quote.allow_v5``: the
+validator reads v4 offsets, so a v5 quote is refused here (503) rather than failing there (SEV-SNP reports
+are served at every version). Errors keep
 the ``{"detail": ...}`` body, with a 4xx status for bad input instead of the reference's blanket 500.
 """
 
@@ -28,6 +31,7 @@ import os
 
 from aiohttp import web
 
+from agent.evidence.own_quote import TDX
 from agent.log import get_logger
 from agent.serve.context import ctx_of
 from agent.serve.errors import ApiError, json_response
@@ -54,6 +58,8 @@ async def _quote_b64(request: web.Request, nonce: bytes) -> str:
 
     ctx = ctx_of(request)
     quote = await evidence_call(ctx.collector.quote(nonce, caller=peer_of(request).scope))
+    if ctx.collector.tee != TDX:  # an SEV-SNP report has one layout for every version (sev-snp.md §1.1)
+        return base64.b64encode(quote).decode()
     version = quote_version(quote)
     if version != 4 and not ctx.cfg.quote.allow_v5:
         ctx.collector.health.v5_refused += 1
@@ -77,7 +83,8 @@ async def attest(request: web.Request) -> web.Response:
     gpu_ids = await _gpu_selection(request)
     quote = await _quote_b64(request, nonce)
     gpu = await evidence_call(ctx.collector.gpu_evidence(nonce, gpu_ids))
-    return json_response({"tdx_quote": quote, "nvtrust_evidence": json.dumps(gpu)})
+    # exactly one quote key, named by the TEE as the newest reference does (``f"{tee_type}_quote"``)
+    return json_response({f"{ctx.collector.tee}_quote": quote, "nvtrust_evidence": json.dumps(gpu)})
 
 
 async def devices(request: web.Request) -> web.Response:

@@ -98,16 +98,16 @@ _T = TypeVar("_T")
 async def evidence_call(coro: Awaitable[_T]) -> _T:
     """Await hardware work, mapping evidence errors to HTTP: 429 queue full, 504 deadline, 400 unknown
     GPU id, 503 source unavailable."""
+    # statuses from the error classes (agent.errors: one map); the codes are this API's
     try:
         return await coro
     except QueueFullError as exc:
-        raise ApiError(429, "queue_full", str(exc),
-                       headers={"Retry-After": retry_after_header(exc.retry_after_s)}) from None
+        raise ApiError.of(exc, "queue_full", headers={"Retry-After": retry_after_header(exc.retry_after_s)}) from None
     except DeadlineExceeded as exc:
-        raise ApiError(504, "deadline_exceeded", str(exc) or "evidence deadline exceeded") from None
+        raise ApiError.of(exc, "deadline_exceeded", str(exc) or "evidence deadline exceeded") from None
     except GpuEvidenceError as exc:
-        raise ApiError(503, "gpu_unavailable", str(exc)) from None
+        raise ApiError.of(exc, "gpu_unavailable") from None
     except EvidenceError as exc:
-        raise ApiError(503, "quote_unavailable", str(exc)) from None
+        raise ApiError.of(exc, "quote_unavailable") from None
     except GpuIdError as exc:  # a well-formed id that names no GPU on this node
-        raise ApiError(400, "bad_gpu_ids", str(exc)) from None
+        raise ApiError.of(exc, "bad_gpu_ids") from None

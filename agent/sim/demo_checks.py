@@ -2,7 +2,8 @@
 
 Kept apart from the orchestration (:mod:`agent.sim.demo`) so each check reads as one assertion about a
 real value: which key opens the LUKS2 image, which certificate the quote's report_data binds, what
-RTMR3 the quote carries. No check prints a secret: keys are only tried against the images.
+RTMR3 the quote carries (on SEV-SNP: the report's MEASUREMENT and the rootfs digest file). No check prints a
+secret: keys are only tried against the images.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ def boot_checks(rig: DemoRig, status: dict[str, Any]) -> list[Check]:
         key = rig.v.volume_key(rig.vm, label)
         ok = key is not None and cs.is_luks(str(image)) and cs.test_key(str(image), key)
         out.append((f"{label} volume", ok, f"{image.name} is LUKS2 and opens with the validator's key: {ok}"))
-    if gen in ("1.3", "1.4"):
+    out.append(("TEE", status.get("tee") == rig.tee,
+                f"boot resolved {status.get('tee')} ({status.get('tee_resolved')}), the demo guest is {rig.tee}"))
+    if gen in ("1.3", "1.4") and rig.tee == "snp":
+        out.append(_rootfs_digest_check(rig, status))
+    elif gen in ("1.3", "1.4"):
         value = rig.mr_state.rtmr(3).hex()
         ok = value == rig.predicted_rtmr3 == (status.get("rtmr3") or {}).get("value")
         out.append(("RTMR3 rootfs chain", ok,
@@ -119,6 +124,17 @@ def boot_checks(rig: DemoRig, status: dict[str, Any]) -> list[Check]:
     if gen == "1.4":
         out += _checks_14(rig)
     return out
+
+
+def _rootfs_digest_check(rig: DemoRig, status: dict[str, Any]) -> Check:
+    """SEV-SNP: the digest file the boot left for rootfs-verify == SHA-384 of ``rtmr3 predict --list``, 0444."""
+    path = rig.paths.rootfs_digest
+    text = path.read_text() if path.is_file() and not path.is_symlink() else ""
+    ok = (text == rig.predicted_list_digest + "\n" and _mode(path) == 0o444
+          and (status.get("rootfs") or {}).get("digest") == rig.predicted_list_digest)
+    return ("SEV-SNP rootfs digest", ok,
+            f"{path.relative_to(rig.paths.work)} (0444) = `rtmr3 predict --list | sha384` "
+            f"{rig.predicted_list_digest[:16]}…: {ok}")
 
 
 def _checks_14(rig: DemoRig) -> list[Check]:
@@ -187,9 +203,11 @@ async def self_test(rig: DemoRig, token: str) -> list[Check]:
     import aiohttp
 
     from agent.evidence.report_data import spki_sha256
-    from agent.quote import parse_quote
+    from agent.quote import Quote
+    from agent.quote.kind import parse_evidence
+    from agent.quote.snp_parser import SnpReport
 
-    p, gen = rig.paths, rig.generation
+    p, gen, snp = rig.paths, rig.generation, rig.tee == "snp"
     results: list[Check] = []
     nonce = secrets.token_hex(32)
     cert_path = served_cert_path(p, gen)
@@ -197,7 +215,9 @@ async def self_test(rig: DemoRig, token: str) -> list[Check]:
     runtime_rtmr3 = rig.predicted_rtmr3 if gen != "1.2" else "00" * 48
 
     def bound(quote_b64: str) -> bool:
-        return parse_quote(base64.b64decode(quote_b64)).report_data == bytes.fromhex(nonce) + cert_hash
+        """A TDX quote or SEV-SNP report (told apart by its bytes) whose REPORTDATA is nonce ‖ SPKI hash."""
+        ev = parse_evidence(base64.b64decode(quote_b64))
+        return bytes(ev.report_data) == bytes.fromhex(nonce) + cert_hash
 
     async def call(sock: Path, method: str, route: str, **kw: Any) -> tuple[int, Any]:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s, \
@@ -209,9 +229,12 @@ async def self_test(rig: DemoRig, token: str) -> list[Check]:
     st, body = await call(p.compat_socket, "GET", f"/attest?nonce={nonce}")
     # kept for inspection (public evidence only): the quote, its nonce and the GPU reports
     p.attest_record.write_text(json.dumps({"nonce": nonce, "status": st, "body": body}))
-    quote = parse_quote(base64.b64decode(body["tdx_quote"])) if st == 200 else None
-    ok = st == 200 and bound(body["tdx_quote"]) and len(json.loads(body["nvtrust_evidence"])) == 8
-    results.append(("compat /attest", ok, f"{st}, quote bound to nonce, 8 GPU evidence entries"))
+    key = "snp_quote" if snp else "tdx_quote"
+    quote = parse_evidence(base64.b64decode(body[key])) if st == 200 and key in body else None
+    ok = (st == 200 and set(body) == {key, "nvtrust_evidence"} and bound(body[key])
+          and len(json.loads(body["nvtrust_evidence"])) == 8)
+    results.append(("compat /attest", ok, f"{st}, exactly one quote key {key!r}, bound to nonce, "
+                                          "8 GPU evidence entries"))
     if gen == "1.4":
         detail = (f"report_data[32:] = SHA-256(SPKI) of the CA-signed leaf {cert_path.relative_to(p.work)}; "
                   f"self-signed fallback {'absent' if not p.self_signed_cert.exists() else 'PRESENT'}")
@@ -221,14 +244,23 @@ async def self_test(rig: DemoRig, token: str) -> list[Check]:
         ok = quote is not None and quote.report_data[32:] == cert_hash and not p.proxy_leaf.exists()
         results.append(("compat /attest binds the self-signed service cert", ok,
                         f"no boot hand-off leaf before 1.4.0: {cert_path.relative_to(p.work)}"))
-    ok = quote is not None and quote.rtmr3.hex() == runtime_rtmr3
-    how = "left by the boot's rootfs chain" if gen != "1.2" else "zero: no rootfs chain before 1.3"
-    results.append(("quote RTMR3 = the registered runtime value", ok,
-                    f"{quote.rtmr3.hex()[:16] if quote else '?'}… ({how})"))
+    if snp:
+        report = quote if isinstance(quote, SnpReport) else None
+        value = bytes(report.measurement).hex() if report is not None else "?"
+        ok = report is not None and len(report.raw) == 1184 and value == rig.snp_measurement
+        results.append(("SNP report MEASUREMENT = the registered launch digest", ok,
+                        f"{value[:16]}… (1184-byte report; no RTMR3 on SEV-SNP)"))
+    else:
+        tdq = quote if isinstance(quote, Quote) else None
+        ok = tdq is not None and tdq.rtmr3.hex() == runtime_rtmr3
+        how = "left by the boot's rootfs chain" if gen != "1.2" else "zero: no rootfs chain before 1.3"
+        results.append(("quote RTMR3 = the registered runtime value", ok,
+                        f"{tdq.rtmr3.hex()[:16] if tdq else '?'}… ({how})"))
     st, body = await call(p.compat_socket, "GET", "/devices")
     results.append(("compat /devices", st == 200 and len(body) == 8, f"{st} {len(body)} GPUs"))
-    st, body = await call(p.compat_socket, "GET", f"/tdx/quote?nonce={nonce}")
-    results.append(("compat /tdx/quote", st == 200 and bound(body), f"{st}"))
+    for route in ("/tdx/quote", "/quote"):  # both return bare base64 of whichever TEE this is
+        st, body = await call(p.compat_socket, "GET", f"{route}?nonce={nonce}")
+        results.append((f"compat {route}", st == 200 and isinstance(body, str) and bound(body), f"{st}"))
     st, body = await call(p.compat_socket, "GET", f"/nvtrust/evidence?name={rig.vm}&nonce={nonce}")
     ok = st == 200 and isinstance(body, str) and len(json.loads(body)) == 8
     results.append(("compat /nvtrust/evidence", ok, f"{st}, 8 GPU evidence entries"))
@@ -240,8 +272,9 @@ async def self_test(rig: DemoRig, token: str) -> list[Check]:
                     and boot.get("generation") == gen,
                     f"{st} boot={boot.get('outcome')} generation={boot.get('generation')}"))
     st, body = await call(p.chute_socket, "GET", f"/v1/evidence?nonce={nonce}")
-    ok = st == 200 and bound(body["quote"]) and len(body["gpu_evidence"]) == 8
-    results.append(("chute /v1/evidence", ok, f"{st}, quote bound to nonce, 8 GPU evidence entries"))
+    ok = st == 200 and body.get("tee") == rig.tee and bound(body["quote"]) and len(body["gpu_evidence"]) == 8
+    results.append(("chute /v1/evidence", ok, f"{st}, tee={body.get('tee') if isinstance(body, dict) else '?'}, "
+                                              "quote bound to nonce, 8 GPU evidence entries"))
     st, body = await call(p.chute_socket, "POST", "/v1/rint/nonce")
     results.append(("chute /v1/rint/nonce", st == 200 and len(body.get("nonce", "")) == 32, f"{st} {body}"))
     st, body = await call(p.chute_socket, "GET", "/v1/rint/validator-nonce", headers={"Authorization": token})
@@ -273,6 +306,7 @@ def summary_lines(generation: str, status: dict[str, Any] | None, phases: dict[s
            f"with boot.protocol = auto and took the steps from the answer: "
            f"{(status or {}).get('generation') or 'no answer classified'}"]
     if status:
+        out.append(f"demo: TEE: {status.get('tee')} ({status.get('tee_resolved')})")
         out.append(f"demo: boot outcome={status.get('outcome')} reason={status.get('reason')}")
         out.append("demo: boot stages (ms, from the hand-off dir's boot-status.json; wait = network/quote/keygen):")
         for rec in status.get("stages", []):

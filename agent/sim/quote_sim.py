@@ -250,6 +250,7 @@ class SimulatedQuoteSource:
     """QuoteSource producing simulated v4 quotes; a fresh attestation key per source instance."""
 
     name = "simulated"
+    tee = "tdx"
 
     def __init__(
         self,

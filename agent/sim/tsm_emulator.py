@@ -15,12 +15,22 @@ It reproduces the kernel behaviour the production collector depends on (tdx-quot
   generation is serialised across entries like the kernel's ``quote_lock``. Quotes come from
   :class:`agent.sim.quote_sim.SimulatedQuoteSource`.
 
+With ``provider="sev_guest"`` (AMD SEV-SNP, sev-snp.md §2.1–2.2) entries also have ``auxblob`` (0444:
+the certificate table of the same request, empty unless the emulator was started with ``aux=True``,
+like upstream KVM), ``privlevel_floor`` (0444, "0" unless set) and ``privlevel`` (0644 text: its store
+runs at write(2) and its errors come back from it; floor..3, else EINVAL; a store bumps ``generation``);
+reading ``outblob`` or ``auxblob`` generates the report (:class:`agent.sim.snp_sim.SimulatedSnpSource`,
+1184 bytes at VMPL = ``privlevel``) for an inblob of exactly 64 bytes, else EINVAL.
+
 Injectable faults (:class:`TsmFaults`, shared with the parent through shared memory): EBUSY on outblob
 reads (N times), empty outblob (QGS failure), a concurrent writer bumping generation after our write or
 between our write and read, a dropped inblob store, a wrong report_data in the quote, a slow quote, a
-different provider; plus counters of quotes generated and entries created.
+different provider; SEV-SNP also ETIMEDOUT (host throttled, N times), a wiped VMPCK (``wipe_vmpck``: this
+and every later outblob/auxblob read fails ENOTTY, as after the driver's ``snp_disable_vmpck``) and a
+report cut by one byte (``truncate``); plus counters of quotes generated and entries created.
 
-Run standalone for the demo: ``python -m agent.sim.tsm_emulator MOUNTPOINT --state-dir DIR``.
+Run standalone for the demo: ``python -m agent.sim.tsm_emulator MOUNTPOINT --state-dir DIR`` (TDX) or
+``python -m agent.sim.tsm_emulator MOUNTPOINT --state-dir DIR --provider sev_guest [--aux] [--product P]``.
 """
 
 from __future__ import annotations
@@ -50,10 +60,16 @@ from agent.sim.tsm_fuse import fuse_mounted, serve
 log = get_logger(__name__)
 
 ATTRS = ("inblob", "outblob", "generation", "provider")
+#: sev_guest entries: the TDX set plus the SEV-SNP attributes (sev-snp.md §2.1; no SVSM ``service_*``).
+SNP_ATTRS = (*ATTRS, "auxblob", "privlevel", "privlevel_floor")
+PROVIDERS = ("tdx_guest", "sev_guest")
 INBLOB_MAX = 64
-_MODES = {"inblob": 0o200, "outblob": 0o444, "generation": 0o444, "provider": 0o444}
+PRIVLEVEL_MAX = 3
+_MODES = {"inblob": 0o200, "outblob": 0o444, "generation": 0o444, "provider": 0o444, "auxblob": 0o444,
+          "privlevel": 0o644, "privlevel_floor": 0o444}
 _COUNTERS = (
     "ebusy", "empty", "concurrent_write_at_close", "concurrent_write_on_read", "drop_write", "wrong_report_data",
+    "etimedout", "wipe_vmpck", "truncate",
 )
 
 
@@ -70,8 +86,8 @@ class TsmFaults:
         # Raw* == ctx.Value/Array(lock=False) (the lock above guards them), typed as the ctypes objects they are
         self._counts = {name: RawValue(ctypes.c_int64, 0) for name in _COUNTERS}
         self._delay = RawValue(ctypes.c_double, 0.0)
-        self._provider = RawArray(ctypes.c_char, 64)
-        self._provider.value = b"tdx_guest"
+        self._provider = RawArray(ctypes.c_char, 64)  # empty: the emulator's own provider
+        self._vmpck_wiped = RawValue(ctypes.c_bool, False)
         self._quotes = RawValue(ctypes.c_int64, 0)
         self._entries_created = RawValue(ctypes.c_int64, 0)
 
@@ -99,11 +115,20 @@ class TsmFaults:
 
     @property
     def provider(self) -> str:
+        """The provider every entry shows instead of the emulator's own ("" = its own)."""
         return self._provider.value.decode()
 
     @provider.setter
     def provider(self, value: str) -> None:
         self._provider.value = value.encode()[:63]
+
+    @property
+    def vmpck_wiped(self) -> bool:
+        """SEV-SNP: the (emulated) driver disabled the VMPCK; every report request fails ENOTTY from now on."""
+        return bool(self._vmpck_wiped.value)
+
+    def wipe_vmpck(self) -> None:
+        self._vmpck_wiped.value = True
 
     @property
     def quotes_generated(self) -> int:
@@ -139,7 +164,9 @@ class _Entry:
     write_gen: int = 0
     read_gen: int = -1  # forces generation on the first outblob read
     outblob: bytes = b""
-    ctime: float = field(default_factory=time.time)
+    auxblob: bytes = b""
+    privlevel: int = 0
+    ctime: int = field(default_factory=time.time_ns)  # ns (use_ns)
 
 
 @dataclass
@@ -152,25 +179,53 @@ class _Open:
 
 
 class TsmReportFs(Operations):
-    """fusepy operations emulating ``/sys/kernel/config/tsm/report`` for a TDX guest."""
+    """fusepy operations emulating ``/sys/kernel/config/tsm/report`` for a TDX guest (``provider="tdx_guest"``)
+    or an SEV-SNP guest (``provider="sev_guest"``: reports from :class:`agent.sim.snp_sim.SimulatedSnpSource`
+    of ``product``; ``aux``: ``auxblob`` holds its certificate table, else it is empty)."""
 
-    def __init__(self, state_dir: str, faults: TsmFaults | None = None, source: QuoteSource | None = None) -> None:
-        from agent.sim.quote_sim import SimulatedQuoteSource
+    #: fusepy: times are integer nanoseconds (st_*time here, utimens' arguments), not float seconds.
+    use_ns = True
 
+    def __init__(self, state_dir: str, faults: TsmFaults | None = None, source: QuoteSource | None = None, *,
+                 provider: str = "tdx_guest", aux: bool = False, product: str = "Genoa",
+                 privlevel_floor: int = 0) -> None:
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        if not 0 <= privlevel_floor <= PRIVLEVEL_MAX:
+            raise ValueError(f"privlevel_floor: must be 0..{PRIVLEVEL_MAX}, got {privlevel_floor}")
+        self.provider = provider
+        self.snp = provider == "sev_guest"
+        self.attrs = SNP_ATTRS if self.snp else ATTRS
+        self.privlevel_floor = privlevel_floor
         self.faults = faults or TsmFaults()
-        self.source: QuoteSource = source if source is not None else SimulatedQuoteSource(state_dir)
+        if source is None:
+            if self.snp:
+                from agent.sim.snp_sim import SimulatedSnpSource
+
+                source = SimulatedSnpSource(state_dir, product)
+            else:
+                from agent.sim.quote_sim import SimulatedQuoteSource
+
+                source = SimulatedQuoteSource(state_dir)
+        self.source: QuoteSource = source
+        self.aux = b""
+        if self.snp and aux:
+            table = getattr(source, "cert_table", None)
+            if not isinstance(table, bytes):
+                raise ValueError("aux=True needs a source with a cert_table (agent.sim.snp_sim.SimulatedSnpSource)")
+            self.aux = table
         self.entries: dict[str, _Entry] = {}
         self.files: dict[int, _Open] = {}
         self._lock = threading.Lock()  # entries, files, generation counters
         self._quote_lock = threading.Lock()  # one GetQuote at a time per VM, like the driver's quote_lock
         self._next_fh = 1
-        self._mtime = time.time()
+        self._mtime = time.time_ns()
 
     # -- path helpers -----------------------------------------------------------------------------
 
     def _split(self, path: str) -> tuple[str, str]:
         parts = [p for p in path.split("/") if p]
-        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ATTRS):
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in self.attrs):
             raise FuseOSError(errno.ENOENT)
         return (parts[0] if parts else "", parts[1] if len(parts) == 2 else "")
 
@@ -203,7 +258,7 @@ class TsmReportFs(Operations):
             if not name:
                 return [".", "..", *sorted(self.entries)]
             self._entry(name)
-        return [".", "..", *ATTRS]
+        return [".", "..", *self.attrs]
 
     def mkdir(self, path: str, mode: int) -> int:
         name, attr = self._split(path)
@@ -212,8 +267,8 @@ class TsmReportFs(Operations):
         with self._lock:
             if name in self.entries:
                 raise FuseOSError(errno.EEXIST)
-            self.entries[name] = _Entry()
-            self._mtime = time.time()
+            self.entries[name] = _Entry(privlevel=self.privlevel_floor)
+            self._mtime = time.time_ns()
         self.faults.count_entry()
         return 0
 
@@ -224,7 +279,7 @@ class TsmReportFs(Operations):
         with self._lock:
             self._entry(name)
             del self.entries[name]  # open files keep their entry alive, like configfs item refs
-            self._mtime = time.time()
+            self._mtime = time.time_ns()
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:
@@ -238,9 +293,9 @@ class TsmReportFs(Operations):
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         _name, attr = self._split(path)
-        if attr != "inblob":
+        if attr not in ("inblob", "privlevel"):
             raise FuseOSError(errno.EACCES)
-        return 0  # O_TRUNC on inblob is harmless: the write buffer starts empty per open
+        return 0  # O_TRUNC on inblob/privlevel is harmless: the write buffer starts empty per open
 
     def chmod(self, path: str, mode: int) -> int:
         raise FuseOSError(errno.EPERM)
@@ -258,7 +313,9 @@ class TsmReportFs(Operations):
         if not attr:
             raise FuseOSError(errno.EISDIR)
         acc = flags & os.O_ACCMODE
-        if (attr == "inblob" and acc != os.O_WRONLY) or (attr != "inblob" and acc != os.O_RDONLY):
+        if attr == "privlevel":
+            pass  # 0644 text attribute: read and write
+        elif (attr == "inblob" and acc != os.O_WRONLY) or (attr != "inblob" and acc != os.O_RDONLY):
             raise FuseOSError(errno.EACCES)
         with self._lock:
             entry = self._entry(name)
@@ -270,6 +327,8 @@ class TsmReportFs(Operations):
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         with self._lock:
             f = self.files.get(fh)
+            if f is not None and f.attr == "privlevel":
+                return self._store_privlevel(f.entry, data)
             if f is None or f.attr != "inblob":
                 raise FuseOSError(errno.EBADF)
             if offset + len(data) > INBLOB_MAX:
@@ -278,6 +337,18 @@ class TsmReportFs(Operations):
                 f.wbuf.extend(bytes(offset - len(f.wbuf)))
             f.wbuf[offset : offset + len(data)] = data
             f.dirty = True
+        return len(data)
+
+    def _store_privlevel(self, entry: _Entry, data: bytes) -> int:
+        """A configfs text store (caller holds the lock): runs at write(2), its error is the write's."""
+        try:
+            value = int(data.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise FuseOSError(errno.EINVAL) from None
+        if value > PRIVLEVEL_MAX or value < self.privlevel_floor:
+            raise FuseOSError(errno.EINVAL)
+        entry.privlevel = value
+        entry.write_gen += 1
         return len(data)
 
     def flush(self, path: str, fh: int) -> int:
@@ -310,30 +381,42 @@ class TsmReportFs(Operations):
             if attr == "generation":
                 return f"{entry.write_gen}\n".encode()[offset : offset + size]
             if attr == "provider":
-                return f"{self.faults.provider}\n".encode()[offset : offset + size]
-            if attr != "outblob":
+                return f"{self.faults.provider or self.provider}\n".encode()[offset : offset + size]
+            if attr == "privlevel":
+                return f"{entry.privlevel}\n".encode()[offset : offset + size]
+            if attr == "privlevel_floor":
+                return f"{self.privlevel_floor}\n".encode()[offset : offset + size]
+            if attr not in ("outblob", "auxblob"):
                 raise FuseOSError(errno.EBADF)
             buf = f.rbuf
         if buf is None:  # first read on this fd: ask the provider (may block, may fail)
-            buf = self._generate(entry)
+            out = self._generate(entry)
+            buf = entry.auxblob if attr == "auxblob" else out
             with self._lock:
                 f.rbuf = buf
         return buf[offset : offset + size]
 
     def _generate(self, entry: _Entry) -> bytes:
         with self._quote_lock:
+            if self.snp and self.faults.vmpck_wiped:
+                raise FuseOSError(errno.ENOTTY)  # the driver refuses every request once the VMPCK is gone
             if self.faults.take("concurrent_write_on_read"):
                 with self._lock:
                     entry.inblob = secrets.token_bytes(INBLOB_MAX)
                     entry.write_gen += 1
             with self._lock:
-                inblob, gen = entry.inblob, entry.write_gen
+                inblob, gen, vmpl = entry.inblob, entry.write_gen, entry.privlevel
                 if entry.read_gen == gen:
                     return entry.outblob
             if len(inblob) != INBLOB_MAX:
                 raise FuseOSError(errno.EINVAL)
             if self.faults.take("ebusy"):
                 raise FuseOSError(errno.EBUSY)
+            if self.snp and self.faults.take("etimedout"):
+                raise FuseOSError(errno.ETIMEDOUT)  # host throttled the request for more than 60 s
+            if self.snp and self.faults.take("wipe_vmpck"):
+                self.faults.wipe_vmpck()
+                raise FuseOSError(errno.ENOTTY)
             delay = self.faults.delay_s
             if delay > 0:
                 time.sleep(delay)
@@ -343,45 +426,73 @@ class TsmReportFs(Operations):
                 rd = inblob
                 if self.faults.take("wrong_report_data"):
                     rd = bytes([inblob[0] ^ 0x01]) + inblob[1:]
-                blob = self.source.get_quote(rd)
+                report = getattr(self.source, "report", None) if self.snp else None
+                blob = report(rd, vmpl=vmpl) if report is not None else self.source.get_quote(rd)
+                if self.faults.take("truncate"):
+                    blob = blob[:-1]
             self.faults.count_quote()
             with self._lock:
                 entry.outblob, entry.read_gen = blob, gen
+                entry.auxblob = self.aux if self.snp else b""
             return blob
 
 
 @contextlib.contextmanager
 def mounted_tsm(
-    state_dir: str, *, mountpoint: str | None = None, faults: TsmFaults | None = None
+    state_dir: str, *, mountpoint: str | None = None, faults: TsmFaults | None = None,
+    provider: str = "tdx_guest", aux: bool = False, product: str = "Genoa", privlevel_floor: int = 0,
 ) -> Iterator[tuple[str, TsmFaults]]:
     """Mount the emulator (in a child process) and yield ``(mountpoint, faults)``; always unmounts.
 
-    Use the mountpoint as ``ConfigfsTsmSource(root=...)``. The simulated PKI is created here first so
-    the parent can read ``root_ca_pem`` from the same ``state_dir``.
+    Use the mountpoint as ``ConfigfsTsmSource(root=...)`` (``tee="snp"`` with ``provider="sev_guest"``).
+    The simulated PKI (TDX) or AMD hierarchy of ``product`` (SEV-SNP) is created here first so the parent
+    can read the roots from the same ``state_dir``.
     """
-    from agent.sim.quote_sim import load_or_create_sim_pki
+    if provider == "sev_guest":
+        from agent.sim.snp_sim import load_or_create_sim_amd
 
-    load_or_create_sim_pki(state_dir)
+        load_or_create_sim_amd(state_dir, product)
+    else:
+        from agent.sim.quote_sim import load_or_create_sim_pki
+
+        load_or_create_sim_pki(state_dir)
     faults = faults or TsmFaults()
-    with fuse_mounted(lambda: TsmReportFs(state_dir, faults), fsname="configfs-tsm-emulator",
-                      mountpoint=mountpoint) as mnt:
+
+    def make() -> TsmReportFs:
+        return TsmReportFs(state_dir, faults, provider=provider, aux=aux, product=product,
+                           privlevel_floor=privlevel_floor)
+
+    with fuse_mounted(make, fsname="configfs-tsm-emulator", mountpoint=mountpoint) as mnt:
         yield mnt, faults
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m agent.sim.tsm_emulator",
-        description="Mount a configfs-tsm emulator (simulated TDX quotes; never trusted) and serve until unmounted.",
+        description="Mount a configfs-tsm emulator (simulated TDX quotes or SEV-SNP reports; never trusted) and "
+                    "serve until unmounted.",
     )
     parser.add_argument("mountpoint", help="directory to mount on (use it as quote.configfs_root)")
-    parser.add_argument("--state-dir", required=True, help="simulated PKI state directory")
+    parser.add_argument("--state-dir", required=True, help="simulated PKI / AMD hierarchy state directory")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each quote takes (default 0)")
+    parser.add_argument("--provider", choices=PROVIDERS, default="tdx_guest",
+                        help="tdx_guest (Intel TDX quotes, default) or sev_guest (AMD SEV-SNP reports)")
+    parser.add_argument("--aux", action="store_true",
+                        help="sev_guest: auxblob carries the simulated certificate table (VCEK, ASK, ARK); "
+                             "default empty, like upstream KVM")
+    parser.add_argument("--product", choices=("Milan", "Genoa", "Turin"), default="Genoa",
+                        help="sev_guest: the simulated chip's product line (default Genoa)")
     args = parser.parse_args(argv)
+    if args.provider != "sev_guest" and (args.aux or args.product != "Genoa"):
+        parser.error("--aux and --product need --provider sev_guest")
     os.makedirs(args.mountpoint, exist_ok=True)
     faults = TsmFaults()
     faults.delay_s = args.delay
-    log.warning("sim.tsm_emulator", mountpoint=args.mountpoint, reason="emulated configfs-tsm, simulated quotes")
-    serve(TsmReportFs(args.state_dir, faults), args.mountpoint, "configfs-tsm-emulator")
+    what = "simulated SEV-SNP reports" if args.provider == "sev_guest" else "simulated quotes"
+    log.warning("sim.tsm_emulator", mountpoint=args.mountpoint, provider=args.provider,
+                reason=f"emulated configfs-tsm, {what}")
+    serve(TsmReportFs(args.state_dir, faults, provider=args.provider, aux=args.aux, product=args.product),
+          args.mountpoint, "configfs-tsm-emulator")
     return 0
 
 

@@ -86,9 +86,12 @@ class MrState:
 class MeasurementsFs(Operations):
     """fusepy operations for the ``measurements/`` directory of the tdx_guest misc device."""
 
+    #: fusepy: times are integer nanoseconds (st_*time here), not float seconds (deprecated).
+    use_ns = True
+
     def __init__(self, state: MrState) -> None:
         self.state = state
-        self._t = time.time()
+        self._t = time.time_ns()
         self._lock = threading.Lock()
 
     def _name(self, path: str) -> str:
@@ -155,6 +158,7 @@ class LiveRtmrQuoteSource:
     """
 
     name = "simulated"
+    tee = "tdx"
 
     def __init__(self, state: MrState, state_dir: str) -> None:
         from agent.sim.quote_sim import SimulatedQuoteSource

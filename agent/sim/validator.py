@@ -14,8 +14,11 @@ deployed, proxying to this aiohttp app on a unix socket:
 
 A VM's generation is that of the measurement its boot quote matches (§1, §9): boot quotes need RTMR3 =
 48 zero bytes, ``luks/attest`` and ``provision`` quotes the entry's ``runtime_rtmr3``; a runtime quote sent
-to boot is refused. Endpoints (route guards as §2 "Guards" and §12.4, enforced per front with the newest
-validator's 403 texts; checks in the validator's order; §12.5 status codes and ``{"detail"}`` bodies):
+to boot is refused. An SEV-SNP report in the same ``quote`` field is told apart by its bytes (sev-snp.md
+§0.3), verified against :class:`SnpTrust` (the VCEK as AMD's KDS would serve it, the roots configured) and
+matched on MEASUREMENT (:class:`SnpMeasurementSet`; no RTMR3 on SNP). Endpoints (route guards as §2
+"Guards" and §12.4, enforced per front with the newest validator's 403 texts; checks in the validator's
+order; §12.5 status codes and ``{"detail"}`` bodies):
 
 - ``GET /servers/nonce[?miner_hotkey=]`` → ``{"nonce", "expires_at"}``; single use, 600 s, bound to caller
   IP, purpose ``boot`` and the hotkey when given;
@@ -69,8 +72,11 @@ from agent.sim.validator_state import (
     NONCE_TTL_S,
     SUPPORTED_VOLUMES,
     ZERO_RTMR,
+    AnyMeasurement,
     Fault,
     MeasurementSet,
+    SnpMeasurementSet,
+    SnpTrust,
     ValidatorState,
     _Vm,
     generation_of,
@@ -83,8 +89,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIRM_NONCE_TTL_S", "ENDPOINTS", "GENERATIONS", "NONCE_TTL_S", "STATE_KEY", "SUPPORTED_VOLUMES", "ZERO_RTMR",
-    "FaithfulValidator", "Fault", "MeasurementSet", "ValidatorState", "generation_of", "make_app",
-    "simulated_measurement", "simulated_measurements",
+    "FaithfulValidator", "Fault", "MeasurementSet", "SnpMeasurementSet", "SnpTrust", "ValidatorState",
+    "generation_of", "make_app", "simulated_measurement", "simulated_measurements", "simulated_snp_trust",
 ]
 
 log = get_logger(__name__)
@@ -94,20 +100,23 @@ class FaithfulValidator:
     """nginx (three TLS fronts) + the app; ``async with FaithfulValidator(...) as v: v.tdx_base_url``.
 
     ``generation`` picks the default measurement registry (:func:`simulated_measurement`); pass
-    ``measurements`` for a full registry (several generations side by side). ``port`` is the legacy
-    front's (what :attr:`url` names, as before), ``cvm_port``/``api_port`` the others (0 = free port).
+    ``measurements`` for a full registry (several generations side by side; SEV-SNP entries are
+    :class:`SnpMeasurementSet`). ``port`` is the legacy front's (what :attr:`url` names, as before),
+    ``cvm_port``/``api_port`` the others (0 = free port). ``snp`` (:class:`SnpTrust`): how SEV-SNP reports
+    are verified (the VCEK "KDS", chain and trusted roots); None = every SNP report is refused.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, root_ca_pem: bytes,
-                 measurements: list[MeasurementSet] | None = None, host: str = "127.0.0.1", port: int = 0,
+                 measurements: list[AnyMeasurement] | None = None, host: str = "127.0.0.1", port: int = 0,
                  generation: str = "1.2", runtime_rtmr3: str | None = None, legacy_luks: bool = True,
-                 cvm_port: int = 0, api_port: int = 0, signing_root: SigningRoot | None = None) -> None:
+                 cvm_port: int = 0, api_port: int = 0, signing_root: SigningRoot | None = None,
+                 snp: SnpTrust | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if measurements is None:
             measurements = [simulated_measurement(generation, runtime_rtmr3)]
         self.generation = generation
-        self.state = ValidatorState(root_ca_pem, measurements, legacy_luks=legacy_luks, signing=signing_root)
+        self.state = ValidatorState(root_ca_pem, measurements, legacy_luks=legacy_luks, signing=signing_root, snp=snp)
         self.host = host
         self.port = port or nginx_mod.free_port(host)
         self.cvm_port = cvm_port or nginx_mod.free_port(host)
@@ -323,6 +332,18 @@ class FaithfulValidator:
         await self.stop()
 
 
+def simulated_snp_trust(sim_state_dir: str | os.PathLike[str]) -> tuple[SnpTrust, str]:
+    """(:class:`SnpTrust` for the simulated AMD chips in ``sim_state_dir``, their guests' MEASUREMENT hex).
+
+    The VCEKs as AMD's KDS would serve them, the ASK/ARK chain, and the simulated ARKs as the only trusted
+    roots: for tests and the demo, passed explicitly (a validator is never given it by default).
+    """
+    from agent.sim.snp_sim import sim_kds
+
+    kds = sim_kds(sim_state_dir)
+    return SnpTrust(veks=dict(kds.veks), chain_pem=kds.chain_pem, arks=list(kds.arks)), kds.measurement.hex()
+
+
 def _read_key_file(path: str) -> Secret:
     with open(path, "rb") as fh:
         return Secret(fh.read().rstrip(b"\n"))
@@ -332,7 +353,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from agent.sim.quote_sim import load_or_create_sim_pki
 
     root = Path(args.root_ca).read_bytes() if args.root_ca else load_or_create_sim_pki(args.sim_state_dir).root_ca_pem
-    measurements = None
+    measurements: list[AnyMeasurement] | None = None
     if args.measurements:
         measurements = [MeasurementSet(**m) for m in json.loads(Path(args.measurements).read_text())]
     v = FaithfulValidator(args.state_dir, root_ca_pem=root, measurements=measurements, host=args.host, port=args.port,

@@ -6,6 +6,8 @@ route/front guards 403, schema 422, boot nonce 400 ("Nonce is invalid, expired, 
 fresh one …"), sr25519 proof 401, client certificate 403, quote decoding 403, report_data nonce half 400
 / cert half 403, quote signature 403, DEBUG 403, measurements 403 ("No registered measurement matches
 this host's topology x QEMU version …"), hotkey on the subnet (403 from 1.4, 401 before), unknown VM 404.
+SEV-SNP reports (told from TDX quotes by their bytes, as the production API does) go through the same order
+with :func:`agent.quote.snp_verify.verify_snp_report` against the configured :class:`SnpTrust`.
 NEVER production.
 """
 
@@ -36,9 +38,9 @@ from agent.sim.validator_state import (
     LUKS_QUOTE_NONCE_TTL_S,
     NONCE_TTL_S,
     SUPPORTED_VOLUMES,
+    AnyMeasurement,
     Fault,
     MeasuredQuote,
-    MeasurementSet,
     ValidatorState,
     VolumeKeys,
     _Nonce,
@@ -353,18 +355,48 @@ class _V4View:
         return cls(td[136:184], r[0], r[1], r[2], r[3], td[520:584])
 
 
+@dataclass(frozen=True)
+class _SnpView:
+    """What an SEV-SNP entry compares: the verified report's MEASUREMENT (and what was bound)."""
+
+    measurement: bytes
+    report_data: bytes
+    tee: str = "snp"
+
+
+def _evidence_kind(raw: bytes) -> str:
+    """The production API tells the kinds apart by the bytes (sev-snp.md §0.3); what is neither goes to the
+    TDX parser, whose error decides the answer as before."""
+    from agent.errors import BadInputError
+    from agent.quote.kind import evidence_kind
+
+    try:
+        return evidence_kind(raw)
+    except BadInputError:
+        return "tdx"
+
+
 def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x509.Certificate,
-                    rec: dict[str, Any]) -> _V4View:
-    """Decode, bind (nonce ‖ SPKI hash of the presented cert), verify, refuse DEBUG, cross-check the v4 read."""
+                    rec: dict[str, Any]) -> _V4View | _SnpView:
+    """Decode, tell TDX from SEV-SNP by the bytes, bind (nonce ‖ SPKI hash of the presented cert), verify,
+    refuse DEBUG; TDX: cross-check the v4 read."""
     from agent.evidence.report_data import spki_sha256
     from agent.quote import QuoteError, parse_quote, verify_quote
 
     try:
         raw = base64.b64decode(quote_b64, validate=True)
-        q = parse_quote(raw)
-    except (binascii.Error, ValueError, QuoteError) as exc:
+    except (binascii.Error, ValueError) as exc:
         rec["quote_problem"] = type(exc).__name__
         raise _Refuse(403, INVALID_QUOTE) from None
+    if _evidence_kind(raw) == "snp":
+        rec["tee"] = "snp"
+        return _verified_snp(state, raw, nonce, cert, rec)
+    try:
+        q = parse_quote(raw)
+    except (ValueError, QuoteError) as exc:
+        rec["quote_problem"] = type(exc).__name__
+        raise _Refuse(403, INVALID_QUOTE) from None
+    rec["tee"] = "tdx"
     rec["quote_version"] = q.version
     if q.version not in (4, 5) or q.tee_type != 0x81 or len(raw) < 632:
         rec["quote_problem"] = "not a TDX v4/v5 quote"
@@ -391,7 +423,60 @@ def _verified_quote(state: ValidatorState, quote_b64: str, nonce: str, cert: x50
     return view
 
 
-def _match(state: ValidatorState, q: MeasuredQuote, rec: dict[str, Any], *, runtime: bool) -> MeasurementSet:
+#: SEV-SNP refusals (403). The production API's own texts are not public (sev-snp.md §5.5): these are ours.
+INVALID_SNP_REPORT = "The SEV-SNP attestation report could not be parsed."
+SNP_NO_VCEK = "No VCEK is available for this chip and TCB (AMD KDS)."
+INVALID_SNP_SIGNATURE = "SEV-SNP report verification failed"
+SNP_DEBUG = "SEV-SNP guest policy allows debugging"
+SNP_VMPL = "SEV-SNP report was not requested at VMPL 0"
+
+
+def _verified_snp(state: ValidatorState, raw: bytes, nonce: str, cert: x509.Certificate,
+                  rec: dict[str, Any]) -> _SnpView:
+    """The SEV-SNP branch: parse, bind, fetch the VCEK ("KDS": :class:`SnpTrust`), verify signature, chain to
+    the trusted ARK, TCB = REPORTED_TCB, hwID = CHIP_ID, DEBUG and VMPL (agent.quote.snp_verify)."""
+    from agent.evidence.report_data import spki_sha256
+    from agent.quote.snp_parser import SnpReportError, parse_snp_report
+    from agent.quote.snp_verify import SnpCertificateError, verify_snp_report
+
+    try:
+        r = parse_snp_report(raw)
+    except SnpReportError as exc:
+        rec["quote_problem"] = f"SnpReportError: {exc.field}"
+        raise _Refuse(403, INVALID_SNP_REPORT) from None
+    rec["quote_version"] = r.version
+    rd = bytes(r.report_data)
+    rec.update(quote_bytes=len(raw), report_data=rd.hex())  # public evidence, for assertions
+    rec["report_data_nonce_match"] = rd[:32].hex() == nonce.lower()
+    rec["cert_hash_match"] = rd[32:] == spki_sha256(cert)
+    if not rec["report_data_nonce_match"]:
+        raise _Refuse(400, QUOTE_NONCE_MISMATCH)
+    if not rec["cert_hash_match"]:
+        raise _Refuse(403, INVALID_CLIENT_CERT)
+    trust = state.snp
+    vek = trust.vek_for(r.chip_id) if trust is not None else None
+    if trust is None or vek is None:
+        rec["quote_problem"] = "no SNP trust configured" if trust is None else "no VCEK for this CHIP_ID"
+        raise _Refuse(403, SNP_NO_VCEK)
+    try:
+        result = verify_snp_report(r, vek=vek, chain_pem=trust.chain_pem, trusted_arks=trust.arks,
+                                   expected_report_data=bytes.fromhex(nonce) + spki_sha256(cert))
+    except (SnpCertificateError, ValueError) as exc:
+        rec["quote_problem"] = f"{type(exc).__name__}: {exc}"
+        raise _Refuse(403, INVALID_SNP_SIGNATURE) from None
+    rec["quote_verified"] = result.ok
+    failed = [c.name for c in result.checks if not c.passed]
+    if failed:
+        rec["quote_failed_checks"] = failed  # logged, never answered
+        if set(failed) - {"policy_debug_off", "vmpl_zero"}:
+            raise _Refuse(403, INVALID_SNP_SIGNATURE)
+        raise _Refuse(403, SNP_DEBUG if "policy_debug_off" in failed else SNP_VMPL)
+    rec["snp_product"] = result.product
+    return _SnpView(bytes(r.measurement), rd)
+
+
+def _match(state: ValidatorState, q: MeasuredQuote | _SnpView, rec: dict[str, Any], *,
+           runtime: bool) -> AnyMeasurement:
     match = next((m for m in state.measurements if m.matches(q, runtime=runtime)), None)
     rec["measurement"] = match.name if match else None
     if match is None:
@@ -512,7 +597,7 @@ async def _attestation(req: web.Request, state: ValidatorState, rec: dict[str, A
         _check_proof(req, raw, nonce, hotkey, rec)
     cert = _client_cert(req, rec)
     q = _verified_quote(state, quote_b64, nonce, cert, rec)
-    if not rec["rtmr3_zero"]:
+    if rec.get("tee") != "snp" and not rec["rtmr3_zero"]:  # SEV-SNP has no RTMR3 (sev-snp.md §5.2)
         raise _Refuse(403, "Boot quote RTMR3 is not zero: a runtime quote is not boot evidence")
     match = _match(state, q, rec, runtime=False)
     gen = match.generation

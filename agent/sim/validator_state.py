@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from agent.log import Secret
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from agent.validator.proof import Hotkey
 
 ZERO_RTMR = "0" * 96
+TDX = "tdx"
+SNP = "snp"
 GENERATIONS = ("1.2", "1.3", "1.4")
 SUPPORTED_VOLUMES = ("storage", "tdx-cache")
 #: TTLs of the validator's Redis keys (§5 "Validator state").
@@ -120,10 +122,71 @@ class MeasurementSet:
         r3 = self.runtime_rtmr3 if runtime else ZERO_RTMR
         return (bytes.fromhex(self.rtmr0), bytes.fromhex(self.rtmr1), bytes.fromhex(self.rtmr2), bytes.fromhex(r3))
 
-    def matches(self, q: MeasuredQuote, *, runtime: bool = False) -> bool:
+    def matches(self, q: MeasuredQuote | SnpMeasured, *, runtime: bool = False) -> bool:
+        if getattr(q, "tee", TDX) != TDX or isinstance(q, SnpMeasured):  # an SNP report matches SNP entries only
+            return False
         want = (self.mrtd, *(r.hex() for r in self.rtmrs(runtime=runtime)))
         got = (q.mr_td, q.rtmr0, q.rtmr1, q.rtmr2, q.rtmr3)
         return all(bytes(g).hex() == w for g, w in zip(got, want, strict=True))
+
+
+@runtime_checkable
+class SnpMeasured(Protocol):
+    """What an SEV-SNP entry compares: the verified report's MEASUREMENT (the launch digest)."""
+
+    @property
+    def tee(self) -> str: ...
+    @property
+    def measurement(self) -> bytes: ...
+
+
+@dataclass
+class SnpMeasurementSet:
+    """One SEV-SNP entry, as measurements.yaml publishes it (``snp: {hardware: [{measurement, ...}]}``,
+    sev-snp.md §5.4): the 48-byte launch digest MEASUREMENT. There is no RTMR3 on SNP, so boot and runtime
+    reports match the same value (the root is checked inside the measured initramfs instead, §5.2)."""
+
+    name: str
+    version: str
+    measurement: str
+    rc: bool = False
+    authorized_hotkeys: tuple[str, ...] = ()
+    tee: ClassVar[str] = SNP
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.measurement, str) or not _HEX96.fullmatch(self.measurement):
+            raise ValueError(f"SnpMeasurementSet.measurement: expected 96 hex characters, got {self.measurement!r}")
+        self.measurement = self.measurement.lower()
+        self.authorized_hotkeys = tuple(self.authorized_hotkeys)
+
+    @property
+    def generation(self) -> str:
+        return generation_of(self.version)
+
+    def matches(self, q: Any, *, runtime: bool = False) -> bool:
+        """Runtime or boot: the same MEASUREMENT (``runtime`` is accepted for the registry's one signature)."""
+        return getattr(q, "tee", TDX) == SNP and bytes(q.measurement).hex() == self.measurement
+
+
+#: Any registry entry.
+AnyMeasurement = MeasurementSet | SnpMeasurementSet
+
+
+@dataclass
+class SnpTrust:
+    """How this validator verifies SEV-SNP reports, standing in for what the production API does (sev-snp.md
+    §0.3, §5.5): it fetches the VCEK from AMD's KDS itself (the VM sends no certificate table), here a table
+    ``CHIP_ID hex -> VCEK DER``; the ASK/ARK chain (KDS ``cert_chain``: PEM; None = the agent's packaged AMD
+    chain of the product line); and the roots it trusts (None = AMD's pinned ARKs). Never present by
+    default: a validator without one refuses every SNP report, and the simulated AMD chain is trusted only
+    where a test or the demo passes it explicitly (as the simulated PCK root is for TDX)."""
+
+    veks: dict[str, bytes] = field(default_factory=dict)
+    chain_pem: bytes | None = None
+    arks: list[Any] | None = None
+
+    def vek_for(self, chip_id: bytes) -> bytes | None:
+        return self.veks.get(bytes(chip_id).hex())
 
 
 def simulated_measurement(generation: str = "1.2", runtime_rtmr3: str | None = None) -> MeasurementSet:
@@ -260,7 +323,7 @@ class _Launch:
 @dataclass
 class ValidatorState:
     root_ca_pem: bytes
-    measurements: list[MeasurementSet]
+    measurements: list[AnyMeasurement]
     #: per-front provenance secrets nginx injects (the VM never knows them)
     proxy_auth: str = field(default_factory=lambda: secrets.token_hex(16))
     cvm_auth: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -287,6 +350,8 @@ class ValidatorState:
     last_nonce: str | None = None
     clock_offset: float = 0.0
     signing: SigningRoot | None = None  # made on first use
+    #: SEV-SNP verification (VCEK "KDS", chain, trusted roots); None = every SNP report is refused.
+    snp: SnpTrust | None = None
 
     def now(self) -> float:
         return time.time() + self.clock_offset

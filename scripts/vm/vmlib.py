@@ -729,7 +729,8 @@ def agent_toml_v14() -> str:
         "format_pbkdf": "pbkdf2",
         "format_pbkdf_iterations": 1000,
     }
-    lines = ["[log]", 'level = "info"', 'format = "json"', "", "[quote]", 'source = "configfs"',
+    # qemu TCG has no /dev/tdx_guest: quote.tee is pinned (the default "auto" probes and would fail closed)
+    lines = ["[log]", 'level = "info"', 'format = "json"', "", "[quote]", 'source = "configfs"', 'tee = "tdx"',
              f'configfs_root = "{EMU_BASE}/tsm-report"', "", "[rtmr]",
              f'sysfs_path = "{EMU_BASE}/measurements/rtmr3:sha384"', "", "[gpu]", "enabled = false", "", "[boot]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in boot.items()]

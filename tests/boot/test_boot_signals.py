@@ -20,9 +20,7 @@ import pytest
 
 from agent.boot.cryptsetup import Cryptsetup
 from agent.log import Secret
-from agent.sim import demo
 from agent.sim.quote_sim import DEFAULT_MR_TD, load_or_create_sim_pki
-from agent.sim.tsm_mr_emulator import MrState
 from agent.sim.validator import FaithfulValidator, Fault
 
 pytestmark = pytest.mark.integration
@@ -33,6 +31,11 @@ SECRET_FILES = ("luks-quote-nonce", "cert-hash", "k3s-encryption-config.yaml", "
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_mid_boot_wipes_the_hand_off_secrets(tmp_path: Path, signum: signal.Signals) -> None:
+    # imported here: the demo needs libfuse, which only the integration tier requires (collecting this module
+    # for `-m unit` on a machine without it must not fail)
+    from agent.sim import demo
+    from agent.sim.tsm_mr_emulator import MrState
+
     p = demo.DemoPaths(tmp_path / "w")
     p.work.mkdir(parents=True)
     (p.work / "kmsg").touch()

@@ -60,7 +60,7 @@ async def test_full_boot_unlocks_and_hands_off(rig: BootRig) -> None:
     assert status["validator_fields"] == ["boot_token", "key"]
     assert status["root_header"]["label"] == "root-luks"
     stages = [s["stage"] for s in status["stages"]]
-    assert stages == ["config", "network", "client_cert", "nonce", "quote", "self_check", "attestation",
+    assert stages == ["config", "network", "tee", "client_cert", "nonce", "quote", "self_check", "attestation",
                       "luks_header", "unlock", "cache_key_put", "cache_volume", "handoff"]
     assert all(s["result"] in ("ok", "skipped") for s in status["stages"])
     assert status["timings"]["agent_overhead_ms"] > 0
@@ -117,6 +117,7 @@ async def test_full_boot_with_emulated_configfs_tsm(rig: BootRig) -> None:
     with mounted_tsm(str(rig.tmp / "sim")) as (mnt, faults):
         rig.cfg.quote.source = "configfs"
         rig.cfg.quote.configfs_root = mnt
+        rig.cfg.quote.tee = "tdx"  # no /dev/tdx_guest here: "auto" would fail closed
         rig.source = make_quote_source(rig.cfg)
         assert rig.source.name != "simulated"
         outcome = await rig.run()

@@ -195,12 +195,10 @@ def _bomb(levels: int = 9) -> str:
 
 
 def test_alias_bomb_is_refused_fast() -> None:
-    import time
-
-    t = time.monotonic()
-    with pytest.raises(network.NetworkConfigError, match="anchors and aliases are not allowed"):
-        network.parse_netplan(_bomb())
-    assert time.monotonic() - t < 0.5
+    """Refused at the first anchor (line 1), before any alias is resolved: no clock needed, a bomb of 9^12
+    nodes could not be expanded at all."""
+    with pytest.raises(network.NetworkConfigError, match=r"anchors and aliases are not allowed \(line 1\)"):
+        network.parse_netplan(_bomb(12))
 
 
 @pytest.mark.parametrize(("value", "message"), [

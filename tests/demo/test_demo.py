@@ -9,6 +9,7 @@ images, ``debugfs`` on the config volume, the certificates with ``cryptography``
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import stat
@@ -129,8 +130,10 @@ def test_14_images_and_handoff_checked_independently(run14: Run) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["1.2", "1.3"])
-def test_older_generation_boots_and_serves(tmp_path: Path, protocol: str) -> None:
-    work = tmp_path / "w"
+def test_older_generation_boots_and_serves(tmp_path_factory: pytest.TempPathFactory, protocol: str) -> None:
+    # a short directory: the demo's socket paths live under it (sun_path holds 107 bytes; the test's own
+    # name plus xdist's worker directory would exceed it)
+    work = tmp_path_factory.mktemp(f"d{protocol}") / "w"
     res = demo(work, "--once", "--protocol", protocol)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
@@ -186,4 +189,65 @@ def test_cli_lists_match_the_simulation() -> None:
     from agent.commands import demo as cmd
     from agent.sim import demo as sim
 
-    assert cmd.FAIL_MODES == sim.FAIL_MODES and cmd.PROTOCOLS == sim.PROTOCOLS
+    assert cmd.FAIL_MODES == sim.FAIL_MODES and cmd.PROTOCOLS == sim.PROTOCOLS and cmd.TEES == sim.TEES
+
+
+# --- AMD SEV-SNP (issue 19): `demo --tee snp` ------------------------------------------------------------
+
+#: A 1.4.0 boot on SEV-SNP: the TEE after the network, no rtmr3 stage, the rootfs digest step instead.
+STAGES_14_SNP = ("config", "network", "tee", "client_cert", "first_boot", "nonce", "quote", "self_check",
+                 "attestation", "luks_header", "unlock", "first_boot_token", "root_confirm", "root_rotation",
+                 "handoff", "vm_root_ca", "rootfs", "storage_quote", "self_check", "storage_keys", "storage_confirm",
+                 "storage_volumes", "vm_tls", "validator_auth", "signing_keys")
+
+
+@pytest.fixture(scope="module")
+def run_snp(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    work = tmp_path_factory.mktemp("demosnp") / "w"
+    return work, demo(work, "--tee", "snp", "--once")
+
+
+def test_snp_demo_boots_serves_and_passes_every_route(run_snp: Run) -> None:
+    from agent.quote.kind import evidence_kind
+    from agent.quote.snp_parser import parse_snp_report
+
+    work, res = run_snp
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "demo: FAIL" not in out and "SIMULATED AMD SEV-SNP VM" in out
+    for name in ("TEE", "SEV-SNP rootfs digest", "root rotation on root.img", "VM root CA", "storage volume",
+                 "compat /attest", "compat /attest binds the CA-signed proxy leaf",
+                 "SNP report MEASUREMENT = the registered launch digest", "compat /tdx/quote", "compat /quote",
+                 "compat /nvtrust/evidence", "chute /v1/evidence", "chute /v1/status",
+                 "chute /v1/symkey respond+verify"):
+        assert name in passes(out), (name, out)
+    assert "RTMR3 rootfs chain" not in passes(out)
+    assert f"demo: checks: {len(passes(out))} PASS, 0 FAIL" in out
+    status = json.loads((work / "run" / "chutes" / "boot-status.json").read_text())
+    assert status["tee"] == "snp" and status["outcome"] == "unlocked" and "rtmr3" not in status
+    shown = [m.group(1) for m in re.finditer(r"^demo:   (\w+) +(\d+\.\d) ", out, re.M)]
+    assert [s for s in shown if s in STAGES_14_SNP] == list(STAGES_14_SNP), shown
+    # independently: the /attest answer carried exactly snp_quote, a 1184-byte report bound to the leaf
+    attest = json.loads((work / "attest-once.json").read_text())
+    assert set(attest["body"]) == {"snp_quote", "nvtrust_evidence"}
+    raw = base64.b64decode(attest["body"]["snp_quote"])
+    assert len(raw) == 1184 and evidence_kind(raw) == "snp"
+    leaf = x509.load_pem_x509_certificate((work / "run" / "chutes" / "proxy-tls" / "server.crt").read_bytes())
+    assert parse_snp_report(raw).report_data == bytes.fromhex(attest["nonce"]) + spki_sha256(leaf)
+    # the rootfs digest file, against an independent model of the next list digest over the demo root (its list
+    # names /etc and /usr): every regular file once, byte-wise path order, "<sha384> <path>\n", SHA-384 of that
+    root = work / "rootfs"
+    files = sorted(b"/" + bytes(p.relative_to(root)) for top in ("etc", "usr") for p in (root / top).rglob("*")
+                   if p.is_file() and not p.is_symlink())
+    text = b"".join(hashlib.sha384((root / f[1:].decode()).read_bytes()).hexdigest().encode() + b" " + f + b"\n"
+                    for f in files)
+    digest = work / "run" / "sek8s" / "rootfs-digest"
+    assert digest.read_text() == hashlib.sha384(text).hexdigest() + "\n" and mode(digest) == 0o444
+
+
+def test_snp_tampered_rootfs_fails_closed(tmp_path: Path) -> None:
+    res = demo(tmp_path / "w", "--tee", "snp", "--boot-only", "--fail", "rtmr3")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert ("ROOTFS-MEASURE-FAILED: rootfs: SEV-SNP: root filesystem does not match the canonical manifest ("
+            in res.stderr), res.stderr
+    assert not (tmp_path / "w" / "run" / "sek8s" / "rootfs-digest").exists()

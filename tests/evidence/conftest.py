@@ -1,4 +1,5 @@
-"""Fixtures for the evidence tests: the simulated PKI state and the FUSE kernel-interface emulators."""
+"""Fixtures for the evidence tests: the simulated PKI state (TDX PCK chain, AMD hierarchy) and the FUSE
+kernel-interface emulators (configfs-tsm as tdx_guest or sev_guest, the measurement registers)."""
 
 from __future__ import annotations
 
@@ -39,4 +40,16 @@ def measurements() -> Iterator[tuple[str, object]]:
 
     with mounted_measurements() as (mnt, state):
         yield mnt, state
+    assert not os.path.ismount(mnt)
+
+
+@pytest.fixture
+def snp_tsm(sim_state: Path) -> Iterator[tuple[str, object]]:
+    """A mounted configfs-tsm emulator with provider ``sev_guest`` (simulated Genoa reports, empty auxblob);
+    afterwards asserts no entry was left behind and it unmounted."""
+    from agent.sim.tsm_emulator import mounted_tsm
+
+    with mounted_tsm(str(sim_state), provider="sev_guest") as (mnt, faults):
+        yield mnt, faults
+        assert os.listdir(mnt) == [], "a configfs-tsm entry was left behind"
     assert not os.path.ismount(mnt)

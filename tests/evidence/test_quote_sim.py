@@ -139,15 +139,19 @@ def test_every_use_logs_a_warning(source, captured) -> None:
     assert len(warnings) == 2 and all(e["log_level"] == "warning" for e in warnings)
 
 
-def test_make_quote_source_is_explicit(sim_state, captured) -> None:
+def test_make_quote_source_is_explicit(sim_state, captured, tmp_path) -> None:
     cfg = AgentConfig()
+    (tmp_path / "tdx_guest").touch()  # this machine is no TDX guest: quote.tee = "auto" probes this file instead
+    cfg.quote.tdx_device = str(tmp_path / "tdx_guest")
     src = make_quote_source(cfg)  # default: production configfs, never the simulator
     assert isinstance(src, ConfigfsTsmSource)
+    # quote.expected_provider "" (default): the probed TEE's own provider
+    assert cfg.quote.expected_provider == "" and src.tee == "tdx"
     assert src.root == "/sys/kernel/config/tsm/report" and src.expected_provider == "tdx_guest"
     cfg.quote.source = "simulated"
     cfg.quote.simulated_state_dir = str(sim_state)
     sim = make_quote_source(cfg)
-    assert isinstance(sim, SimulatedQuoteSource)
+    assert isinstance(sim, SimulatedQuoteSource) and sim.tee == "tdx"  # quote.tee = "auto", simulated: TDX
     assert any(e["event"] == "quote.source_simulated" and e["log_level"] == "warning" for e in captured)
     cfg.quote.source = "tpm"
     with pytest.raises(ValueError, match=r"quote\.source"):

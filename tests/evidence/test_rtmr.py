@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_extend_and_replay(ext) -> None:
     assert v2 == _expected(b"hello", b"world") == state.rtmr(3)
     assert state.rtmr(0) == bytes(48)  # only RTMR3 touched
     assert replay_event_log(x.event_log_path) == state.rtmr(3)
-    records = [json.loads(line) for line in open(x.event_log_path)]
+    records = [json.loads(line) for line in Path(x.event_log_path).read_text().splitlines()]
     assert [(r["seq"], r["event"], r["new"]) for r in records] == [
         (1, "app.start", v1.hex()), (2, "app.config", v2.hex())
     ]
@@ -99,11 +100,11 @@ def test_tampered_log_fails_replay(ext) -> None:
     x, _ = ext
     x.extend("one", b"1")
     x.extend("two", b"2")
-    lines = open(x.event_log_path).read().splitlines()
+    lines = Path(x.event_log_path).read_text().splitlines()
     rec = json.loads(lines[0])
     rec["data"] = "AAAA"
     lines[0] = json.dumps(rec)
-    open(x.event_log_path, "w").write("\n".join(lines) + "\n")
+    Path(x.event_log_path).write_text("\n".join(lines) + "\n")
     with pytest.raises(RtmrError, match=":1: digest does not match"):
         replay_event_log(x.event_log_path)
 
@@ -127,7 +128,7 @@ def test_concurrent_extenders_serialise_on_the_lock(ext) -> None:
         t.join()
     assert errors == []
     assert state.extends == 20
-    assert len(open(x.event_log_path).read().splitlines()) == 20
+    assert len(Path(x.event_log_path).read_text().splitlines()) == 20
     assert replay_event_log(x.event_log_path) == state.rtmr(3)
 
 

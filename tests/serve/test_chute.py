@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from agent.quote import parse_quote
 from agent.serve.server import Service
+from agent.serve.status import node_status
 from tests.serve.helpers import flip, report_data_of, spki_sha256_of, unix_client, v3_commitment, v4_commitment
+from tests.waiting import async_wait_until
 
 
 def sock(svc: Service) -> str:
@@ -72,7 +74,9 @@ async def test_evidence_binding_and_shape(service: Service) -> None:
         r = await c.get("/v1/evidence", params={"nonce": nonce})
         assert r.status == 200
         doc = await r.json()
-    assert set(doc) == {"nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate", "tpm"}
+    assert set(doc) == {"nonce", "report_data", "quote_version", "quote", "gpu_evidence", "certificate", "tpm",
+                        "tee"}
+    assert doc["tee"] == "tdx"
     assert doc["quote_version"] == 4
     assert doc["nonce"] == nonce
     spki = spki_sha256_of(service.cfg.serve.cert_path)
@@ -193,11 +197,12 @@ async def test_rint_unknown_nonce(service: Service) -> None:
         assert await verify(c, n, v4_commitment(n)) == {"valid": False, "reason": "unknown_nonce"}
 
 
-async def test_rint_expired(service_factory) -> None:
-    svc = await service_factory(rint_nonce_ttl_s=0.2)
-    async with unix_client(sock(svc)) as c:
+async def test_rint_expired(service: Service) -> None:
+    now = [1000.0]
+    service.ctx.nonces._clock = lambda: now[0]  # an injected clock: no sleeping past the TTL, no purge race
+    async with unix_client(sock(service)) as c:
         n = await new_nonce(c)
-        await asyncio.sleep(0.4)
+        now[0] += service.ctx.nonces.ttl_s + 1
         assert await verify(c, n, v4_commitment(n)) == {"valid": False, "reason": "expired"}
 
 
@@ -382,10 +387,15 @@ async def test_malformed_http_is_400(service: Service, payload: bytes) -> None:
     assert payload.split(b"\r\n")[0] not in body  # the raw request line is never echoed
 
 
+def open_chute_connections(svc: Service) -> int:
+    """Connections the chute socket holds, as the node status reports them."""
+    return node_status(svc.ctx)["counters"]["connections"]["chute"]["open"]
+
+
 async def hold_two_then_try_third(svc: Service) -> tuple[list, bytes]:
     """Open two idle connections, then send a request on a third; returns (held, what the third got)."""
     held = [await asyncio.open_unix_connection(sock(svc)) for _ in range(2)]
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: open_chute_connections(svc) == 2, "the two held connections accepted")
     reader, writer = await asyncio.open_unix_connection(sock(svc))
     try:  # refused at accept: closed before or after the request is written (EPIPE / reset / EOF)
         writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -402,7 +412,7 @@ async def test_connection_cap(service_factory) -> None:
     assert answer == b""  # closed without an answer
     for _, w in held:
         w.close()
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: open_chute_connections(svc) == 0, "the held connections closed")
     async with unix_client(sock(svc)) as c:
         assert (await c.get("/v1/health")).status == 200
     assert svc.ctx.trackers["chute"].refused == 1
@@ -425,22 +435,28 @@ async def test_idle_timeout_closes_silent_connection(service_factory) -> None:
 
 
 async def test_queue_full_is_429_with_retry_after(service_factory, monkeypatch) -> None:
-    import time as _time
+    import threading
 
     from agent.sim.quote_sim import SimulatedQuoteSource
 
-    # one waiting slot; the slow source below holds the running one
+    # one waiting slot; the held source below keeps the running one busy until the refusals are in
     svc = await service_factory(evidence_rate_per_s=1000.0, evidence_burst=1000, quote__queue_max=1)
     real = SimulatedQuoteSource.get_quote
+    release = threading.Event()
 
-    def slow(self, report_data: bytes) -> bytes:  # emulated slow QGS
-        _time.sleep(0.5)
+    def held(self, report_data: bytes) -> bytes:  # emulated slow QGS: answers when the test says so
+        release.wait(60)
         return real(self, report_data)
 
-    monkeypatch.setattr(SimulatedQuoteSource, "get_quote", slow)
+    monkeypatch.setattr(SimulatedQuoteSource, "get_quote", held)
     async with unix_client(sock(svc), limit=10) as c:
-        rs = await asyncio.gather(*(c.get("/v1/evidence", params={"nonce": secrets.token_hex(32)})
-                                    for _ in range(4)))
+        tasks = [asyncio.ensure_future(c.get("/v1/evidence", params={"nonce": secrets.token_hex(32)}))
+                 for _ in range(4)]
+        try:  # the source is held: at most two (running + waiting) can be in the queue, the others refused
+            await async_wait_until(lambda: sum(t.done() for t in tasks) >= 2, "two requests refused")
+        finally:
+            release.set()
+        rs = await asyncio.gather(*tasks)
         statuses = sorted(r.status for r in rs)
         refused = [r for r in rs if r.status == 429]
         assert statuses.count(200) >= 1 and refused

@@ -10,7 +10,8 @@ project's FUSE emulators of both, sharing one set of registers, before the agent
   quotes are simulated (PCK chain in STATE_DIR) and carry the emulated registers *as they are when the
   quote is generated* (:class:`agent.sim.tsm_mr_emulator.LiveRtmrQuoteSource`), so the boot quote has
   RTMR3 = 0 and the provision quote the rootfs chain, as on a TD. The agent reads it through
-  ``quote.source = "configfs"`` (``quote.configfs_root``), the production quote path.
+  ``quote.source = "configfs"`` (``quote.configfs_root``), the production quote path, with ``quote.tee =
+  "tdx"`` pinned in the guest's agent.toml (scripts/vm/vmlib.py): qemu TCG has no ``/dev/tdx_guest`` to probe.
 
 Usage: ``python -I -S guest_emulators.py BASE STATE_DIR`` (forks the measurements server, serves the
 report interface in the foreground; the init-top script backgrounds it and waits for both mounts).

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.vm
 UNLOCK_STAGES = [
     "config",
     "network",
+    "tee",
     "client_cert",
     "nonce",
     "quote",
