@@ -159,6 +159,13 @@ def _journal_field(name: str) -> str:
     return out or "FIELD"
 
 
+def _journal_value(value: Any) -> str:
+    """A field's text: mappings and lists as compact JSON (a summary's counts stay machine-readable)."""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return str(value)
+
+
 class JournaldRenderer:
     """Final processor: send one journald entry with every event field as its own field."""
 
@@ -171,8 +178,9 @@ class JournaldRenderer:
         event = str(event_dict.pop("event", ""))
         mid = str(event_dict.pop("message_id", message_id(event)))
         level = str(event_dict.pop("level", method))
-        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("timestamp", "module"))
-        fields = {_journal_field(k): str(v) for k, v in event_dict.items() if k != "timestamp"}
+        details = " ".join(f"{k}={_journal_value(v)}" for k, v in event_dict.items()
+                           if k not in ("timestamp", "module"))
+        fields = {_journal_field(k): _journal_value(v) for k, v in event_dict.items() if k != "timestamp"}
         fields.pop("MESSAGE", None)
         fields.pop("PRIORITY", None)
         self._send(

@@ -12,10 +12,11 @@ from aiohttp import web
 from agent.config import AgentConfig
 from agent.evidence.collector import Collector
 from agent.serve.ratelimit import KeyedLimiter
+from agent.serve.request_log import RequestLog
 from agent.serve.rint import NonceStore
 
 if TYPE_CHECKING:
-    from agent.serve.connections import ConnTracker
+    from agent.serve.gate import ServeGate
 
 CTX_KEY: web.AppKey[ServiceContext] = web.AppKey("chutes_attest_ctx")
 
@@ -32,8 +33,11 @@ class ServiceContext:
     measurements: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     counters: Counter[str] = field(default_factory=Counter)
-    trackers: dict[str, ConnTracker] = field(default_factory=dict)
+    #: Each socket's :class:`~agent.serve.gate.ServeGate`, by socket name.
+    trackers: dict[str, ServeGate] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=lambda: {"status": "starting"})
+    #: What the journal gets per request (lines for refusals/errors/slow, a summary per interval).
+    request_log: RequestLog = field(default_factory=RequestLog)
 
     @classmethod
     def build(cls, cfg: AgentConfig, collector: Collector) -> ServiceContext:
@@ -45,6 +49,8 @@ class ServiceContext:
             evidence_limiter=KeyedLimiter(s.evidence_rate_per_s, s.evidence_burst),
             nonce_limiter=KeyedLimiter(s.nonce_rate_per_s, s.nonce_burst),
             relay_limiter=KeyedLimiter(s.relay_rate_per_s, s.relay_burst),
+            request_log=RequestLog(mode=s.request_log, interval_s=s.request_summary_interval_s,
+                                   slow_ms=s.slow_request_ms),
         )
 
 

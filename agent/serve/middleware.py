@@ -1,7 +1,9 @@
-"""The per-request wrapper both sockets share: caller identity, body cap, timeout, error shape, one log event.
+"""The per-request wrapper both sockets share: caller identity, body cap, timeout, error shape, accounting.
 
-Every request produces exactly one ``serve.request`` event (route, status, duration_ms, peer_pid,
-peer_uid, container) and nothing a handler raises becomes a 500 with a stack trace on the wire.
+Every request is counted (per route and status, service-wide and per caller) and handed to
+:class:`agent.serve.request_log.RequestLog`, which logs refusals, errors and slow requests as they
+happen and sums routine successes into one line per interval; nothing a handler raises becomes a 500
+with a stack trace on the wire.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from aiohttp.typedefs import Middleware
 
 from agent.evidence.quote_queue import RESERVED_LANE, queue_lane
 from agent.log import get_logger
-from agent.serve.connections import ConnTracker
 from agent.serve.errors import ApiError, json_response
+from agent.serve.gate import ServeGate
 from agent.serve.peer import UNKNOWN, Peer
+from agent.serve.request_log import RequestLog
 
 log = get_logger("agent.serve.request")
 
@@ -38,19 +41,18 @@ def _route_name(request: web.Request) -> str:
 
 
 def make_middleware(
-    tracker: ConnTracker, *, socket_name: str, render: Renderer, max_body: int, timeout_s: float,
-    counters: Counter[str], no_timeout: frozenset[tuple[str, str]] = frozenset(), reserved_lane: bool = False,
+    tracker: ServeGate, *, socket_name: str, render: Renderer, max_body: int, timeout_s: float,
+    counters: Counter[str], request_log: RequestLog, no_timeout: frozenset[tuple[str, str]] = frozenset(),
+    reserved_lane: bool = False,
 ) -> Middleware:
     """Build the middleware for one socket; ``no_timeout`` lists (method, path) that never wait on I/O.
 
     ``reserved_lane``: quotes requested through this socket use the quote queue's reserved capacity
     (the compat socket, the validator's own evidence path), set per request in a context variable.
 
-    The request logger is bound here, once (a concrete structlog logger, not the lazy proxy that
-    re-binds on every call): logging configuration must be in place before the service starts.
     This runs on every request, so everything that can be looked up once is looked up here.
     """
-    log_request = log.bind(socket=socket_name).info
+    record = request_log.record
     now = time.perf_counter
     started = tracker.request_started
     finished = tracker.request_finished
@@ -114,9 +116,7 @@ def make_middleware(
                 key = counter_keys[(route, status)] = f"{socket_name} {route} {status}"
             counters[key] += 1
             counters_of(peer.scope)[key] += 1
-            log_request("serve.request", method=request.method, route=route, status=status,
-                        duration_ms=duration_ms, peer_pid=peer.pid, peer_uid=peer.uid,
-                        container=peer.container or peer.pod or "")
+            record(socket_name, request.method, route, status, duration_ms, peer)
             finished(transport, st)
 
     return middleware

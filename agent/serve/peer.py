@@ -11,8 +11,16 @@ from the cgroup (container, pod, else the cgroup path), never from something the
   (a reused pid has a different start time). Residual gap: a pid recycled between ``connect()`` and the
   first read is not caught there; ``SO_PEERPIDFD`` closes it.
 - A caller that cannot be identified this way (exited, e.g. connected then handed the socket to a child,
-  pid reused, /proc unreadable) lands in the one shared :data:`UNIDENTIFIED_SCOPE`, which the connection
-  tracker gives a small cap, never in a fresh per-uid scope.
+  pid reused, /proc unreadable) lands in the one shared :data:`UNIDENTIFIED_SCOPE`, which admission
+  (:mod:`agent.serve.admission`) gives a small lane of its own, never in a fresh per-uid scope.
+- So does a caller whose main thread has exited while the thread that connected lives on: ``/proc/<pid>``
+  then describes the exiting thread-group leader, and on cgroup v1 (and the v1 half of a hybrid host)
+  every line of its ``cgroup`` file reads "/" (the kernel reports exiting tasks in the root), which would
+  make a container look like a host process in the root cgroup (``uid:N``). The leader's state (``Z``/``X``)
+  and ``PF_EXITING`` flag in ``/proc/<pid>/stat`` are checked after the cgroup read.
+- Every caller belongs to one class (:attr:`Peer.caller_class`): ``container`` (a container or pod),
+  ``host`` (a process outside any container) or ``unidentified``; shared capacity (connections, rint
+  nonces) is partitioned by class.
 - A caller outside any container is scoped by its cgroup path (``setuid`` does not move a process out
   of its cgroup); only processes in the root cgroup, which on a systemd host are host-level, are scoped
   by uid.
@@ -36,6 +44,11 @@ _UCRED = struct.Struct("3i")
 #: SO_PEERPIDFD from <asm-generic/socket.h> (Python 3.11's socket module does not name it).
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 UNIDENTIFIED_SCOPE = "unidentified"
+#: Caller classes (:attr:`Peer.caller_class`); shared capacity is partitioned between them.
+CONTAINER, HOST, UNIDENTIFIED = "container", "host", "unidentified"
+CALLER_CLASSES = (CONTAINER, HOST, UNIDENTIFIED)
+#: PF_EXITING from <linux/sched.h>: the task is exiting (set for a thread-group leader whose thread exited).
+_PF_EXITING = 0x4
 
 # containerd/cri-o/docker ids are 64 hex; pods appear as kubepods...-pod<uid>.slice or /pod<uid>/.
 _CONTAINER_RE = re.compile(r"(?:cri-containerd-|crio-|docker-|libpod-|/)([0-9a-f]{64})(?:\.scope)?(?:/|$)")
@@ -58,6 +71,8 @@ class Peer:
     #: The key nonces and rate limits are scoped to: container, else pod, else cgroup path, else uid
     #: (root cgroup only); "unidentified" for every caller that could not be pinned.
     scope: str = field(init=False, repr=False, compare=False)
+    #: ``container``, ``host`` or ``unidentified`` (see :func:`class_of_scope`).
+    caller_class: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.identified:
@@ -71,6 +86,15 @@ class Peer:
         else:
             scope = f"uid:{self.uid}"
         object.__setattr__(self, "scope", scope)
+        object.__setattr__(self, "caller_class", class_of_scope(scope))
+
+
+def class_of_scope(scope: str) -> str:
+    """The caller class a scope belongs to: ``container:``/``pod:`` -> container, :data:`UNIDENTIFIED_SCOPE`
+    -> unidentified, anything else (``cgroup:``, ``uid:``) -> host."""
+    if scope.startswith(("container:", "pod:")):
+        return CONTAINER
+    return UNIDENTIFIED if scope == UNIDENTIFIED_SCOPE else HOST
 
 
 UNKNOWN = Peer(pid=0, uid=-1, gid=-1, identified=False)
@@ -155,14 +179,25 @@ class PeerResolver:
         except OSError:
             return None
 
-    def _start_time(self, pid: int) -> str | None:
+    def _stat(self, pid: int) -> tuple[str, bool] | None:
+        """(start time, exiting) from ``/proc/<pid>/stat``; None when unreadable.
+
+        Fields are counted after the ")" that ends the (untrusted) comm field: state is field 3, flags
+        field 9, starttime field 22. "Exiting": the thread-group leader is a zombie / dead or has
+        ``PF_EXITING`` set, i.e. its main thread is gone while another thread still runs.
+        """
         try:
             stat = (self._proc / str(pid) / "stat").read_text()
         except OSError:
             return None
-        # field 22 (starttime), counted after the ")" that ends the (untrusted) comm field
         fields = stat.rpartition(")")[2].split()
-        return fields[19] if len(fields) > 19 else None
+        if len(fields) <= 19:
+            return None
+        try:
+            flags = int(fields[6])
+        except ValueError:
+            return None
+        return fields[19], fields[0] in ("Z", "X", "x") or bool(flags & _PF_EXITING)
 
     def _via_pidfd(self, sock: socket.socket, pid: int) -> _Found | bool | None:
         """What the pidfd-pinned process's cgroup says; None: not identifiable; False: no SO_PEERPIDFD."""
@@ -181,6 +216,9 @@ class PeerResolver:
             text = self._read_cgroup(pid)
             if text is None or _exited(pidfd):
                 return None
+            st = self._stat(pid)  # read after the cgroup: the leader was not exiting when it was read
+            if st is None or st[1]:
+                return None
             found = (*parse_cgroup(text), cgroup_path(text))
             if key is not None:
                 self._cache[key] = found
@@ -191,9 +229,9 @@ class PeerResolver:
             os.close(pidfd)
 
     def _via_start_time(self, pid: int) -> _Found | None:
-        before = self._start_time(pid)
-        text = self._read_cgroup(pid) if before is not None else None
-        if text is None or self._start_time(pid) != before:
+        before = self._stat(pid)
+        text = self._read_cgroup(pid) if before is not None and not before[1] else None
+        if text is None or self._stat(pid) != before:
             return None
         return (*parse_cgroup(text), cgroup_path(text))
 

@@ -1,8 +1,15 @@
 """Per-caller token buckets: a busy container slows itself down, not its neighbours.
 
-One :class:`KeyedLimiter` per resource class (evidence, nonces), keyed by the caller scope
-(:attr:`agent.serve.peer.Peer.scope`). The key table is a bounded LRU so a flood of distinct
-callers cannot grow memory without limit.
+One :class:`KeyedLimiter` per resource class (evidence, nonces, relay calls; and each socket's request
+pacing), keyed by the caller scope (:attr:`agent.serve.peer.Peer.scope`). Two ways to use one:
+
+- ``check(key)``: refuse over the rate (0 = allowed, else the Retry-After in seconds);
+- ``charge(key)`` then ``debt_s(key)``: never refuse, but say how long the caller is over its rate, so
+  its next bytes can wait unread until the debt is paid back (request pacing, :mod:`agent.serve.gate`).
+
+The key table is bounded and evicts the least recently *used* key (every check or charge moves its key
+to the end), so a flood of distinct callers cannot grow memory without limit, and an active caller's
+bucket (a debtor's debt included) is never the one dropped; a dropped bucket starts again full.
 """
 
 from __future__ import annotations
@@ -25,10 +32,25 @@ class TokenBucket:
         self._clock = clock
         self._last = clock()
 
-    def take(self, n: float = 1.0) -> float:
+    def _refill(self) -> None:
         now = self._clock()
         self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def charge(self, n: float = 1.0) -> None:
+        """Take ``n`` tokens even if there are not enough (the balance may go negative: a debt)."""
+        self._refill()
+        self.tokens -= n
+
+    def debt_s(self) -> float:
+        """Seconds until the balance is back to zero (0: no debt)."""
+        self._refill()
+        if self.tokens >= 0:
+            return 0.0
+        return math.inf if self.rate <= 0 else -self.tokens / self.rate
+
+    def take(self, n: float = 1.0) -> float:
+        self._refill()
         if self.tokens >= n:
             self.tokens -= n
             return 0.0
@@ -51,15 +73,27 @@ class KeyedLimiter:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self.rejected = 0
 
-    def check(self, key: str) -> float:
+    def _bucket(self, key: str) -> TokenBucket:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = TokenBucket(self._rate, self._burst, self._clock)
             if len(self._buckets) > self._max:
-                self._buckets.popitem(last=False)
+                self._buckets.popitem(last=False)  # the least recently used
         else:
             self._buckets.move_to_end(key)
-        wait = bucket.take()
+        return bucket
+
+    def charge(self, key: str) -> None:
+        """One unit used by ``key``, allowed or not (see :meth:`debt_s`)."""
+        self._bucket(key).charge()
+
+    def debt_s(self, key: str) -> float:
+        """Seconds ``key`` is over its rate (0: within it; a key not seen is within it)."""
+        bucket = self._buckets.get(key)
+        return bucket.debt_s() if bucket is not None else 0.0
+
+    def check(self, key: str) -> float:
+        wait = self._bucket(key).take()
         if wait:
             self.rejected += 1
         return wait

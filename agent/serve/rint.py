@@ -35,7 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from agent.errors import BadInputError
+from agent.serve.admission import ClassBudget, Partition
 from agent.serve.errors import ApiError
+from agent.serve.peer import CONTAINER, HOST, UNIDENTIFIED, class_of_scope
 
 NONCE_BYTES = 16
 V3_LEN = 162
@@ -277,12 +279,18 @@ class NonceStoreFull(ApiError):
 
 
 class NonceStore:
-    """One-time nonces with a TTL, scoped per caller, bounded per caller and overall.
+    """One-time nonces with a TTL, scoped per caller, bounded per caller, per caller class and overall.
 
     ``consume`` answers "ok", "unknown_nonce", "replayed" or "expired"; a nonce issued to another scope
     reads as unknown and is left alone (a neighbour cannot burn it). Over ``per_scope`` a caller's own
-    oldest nonce goes; at ``max_total`` live nonces ``issue`` raises :class:`NonceStoreFull` (503) instead
-    of evicting anyone else's nonce.
+    oldest nonce goes; when its class has no room left ``issue`` raises :class:`NonceStoreFull` (503)
+    instead of evicting anyone else's nonce.
+
+    Capacity is partitioned by caller class (:mod:`agent.serve.admission`, as connections are): containers
+    are guaranteed a quarter of ``max_total``, host processes a sixteenth, unidentified callers (one scope)
+    their one ``per_scope`` share (at most a sixteenth) and never more; the rest is pooled for containers
+    and host processes. Inside a class the last :attr:`reserved` nonces it can still take go only to
+    callers holding none, so a container that never asked still gets one while others hold all they may.
 
     Memory bound (CPython 3.11, 64-bit, measured with tracemalloc): one live nonce costs about 275 bytes
     (32-hex key str 81, (scope, expiry) tuple 56 + float 24, the ``_live`` dict slot, the per-scope
@@ -318,6 +326,11 @@ class NonceStore:
         self.consumed = 0
         self.evicted = 0
         self.refused_full = 0
+        self.budget = ClassBudget(Partition.split(max_total, containers=max_total // 4, host=max_total // 16,
+                                                  unidentified=min(per_scope, max_total // 16)))
+        #: Nonces of each identified class that only callers holding none may take (the unidentified
+        #: lane is one caller).
+        self.reserved = {CONTAINER: max_total // 32, HOST: max_total // 32, UNIDENTIFIED: 0}
         self._iso: tuple[int, str] = (-1, "")  # expires_at text per whole second (strftime is not free)
 
     def __len__(self) -> int:
@@ -331,15 +344,18 @@ class NonceStore:
     def issue(self, scope: str) -> tuple[str, str]:
         """A fresh nonce for ``scope`` -> (32 hex, expires_at ISO-8601 UTC); :class:`NonceStoreFull` at the cap."""
         owned = self._by_scope.get(scope)
-        if len(self._live) >= self.max_total and not (owned and len(owned) >= self.per_scope):
+        klass = class_of_scope(scope)
+        if not (owned and len(owned) >= self.per_scope) and not self._room(klass, owned):  # (at its cap: rotates)
             self.purge_expired()
-            if len(self._live) >= self.max_total:
+            owned = self._by_scope.get(scope)
+            if not self._room(klass, owned):
                 self.refused_full += 1
-                oldest = next(iter(self._live.values()))[1]
+                oldest = next(iter(self._live.values()))[1] if self._live else self._clock() + self.ttl_s
                 raise NonceStoreFull(len(self._live), oldest - self._clock())
         nonce = _fresh_nonce()
         expiry = self._clock() + self.ttl_s
         self._live[nonce] = (scope, expiry)
+        self.budget.take(klass)
         if owned is None:
             owned = self._by_scope[scope] = OrderedDict()
         owned[nonce] = None
@@ -351,10 +367,14 @@ class NonceStore:
             self._iso = (second, iso_utc(second))
         return nonce, self._iso[1]
 
+    def _room(self, klass: str, owned: OrderedDict[str, None] | None) -> bool:
+        return self.budget.free(klass) > (self.reserved[klass] if owned else 0)
+
     def _drop(self, nonce: str) -> None:
         entry = self._live.pop(nonce, None)
         if entry is None:
             return
+        self.budget.give(class_of_scope(entry[0]))
         owned = self._by_scope.get(entry[0])
         if owned is not None:
             owned.pop(nonce, None)
@@ -377,6 +397,7 @@ class NonceStore:
         if owner != scope:
             return "unknown_nonce"
         del self._live[nonce]
+        self.budget.give(class_of_scope(owner))
         owned = self._by_scope.get(owner)
         if owned is not None:
             owned.pop(nonce, None)

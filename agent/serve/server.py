@@ -24,18 +24,19 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import AgentConfig
-from agent.errors import UnavailableError
+from agent.errors import AgentError, UnavailableError
+from agent.evidence.base import EvidenceError
 from agent.evidence.collector import Collector
 from agent.evidence.service_identity import load_identity
 from agent.log import get_logger
 from agent.serve import app_chute, app_compat
 from agent.serve.acceptor import Acceptor
-from agent.serve.connections import ConnTracker
 from agent.serve.context import CTX_KEY, ServiceContext
 from agent.serve.errors import ApiError, chute_body, compat_body
+from agent.serve.gate import ServeGate
 from agent.serve.middleware import make_middleware
-from agent.serve.peer import PeerResolver
-from agent.serve.sockets import BACKLOG, bind_unix
+from agent.serve.sockets import bind_unix
+from agent.serve.status import HealthState, health, responsive
 from agent.serve.systemd_integration import Notifier, listen_sockets, watchdog_interval_s
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class _Listener:
     sock: socket.socket
     activated: bool
     runner: web.AppRunner
-    tracker: ConnTracker
+    tracker: ServeGate
     server: Acceptor | None = None
 
 
@@ -100,40 +101,39 @@ class Service:
 
     # -- start-up -----------------------------------------------------------------------------------
     async def _self_check(self, collector: Collector) -> dict[str, Any]:
-        """One real quote through the queue; its parsed REPORTDATA must be nonce ‖ SPKI hash."""
-        from agent.quote import parse_quote
+        """One real quote (TDX) or report (SEV-SNP) through the queue, under the one own-evidence policy
+        (:mod:`agent.evidence.own_quote`): REPORTDATA = nonce ‖ SPKI hash, debug off (SNP: VMPL 0, signed).
+        Any TDX version is served here: the compat socket refuses v5 per request unless ``quote.allow_v5``."""
+        from agent.evidence.own_quote import TDX, OwnEvidenceError, check_own_evidence
 
         nonce = secrets.token_bytes(32)
         started = time.monotonic()
         raw = await collector.quote(nonce, caller="self-check")
         try:
-            q = parse_quote(raw)
-        except Exception as exc:
-            raise SelfCheckError(f"self-check quote does not parse: {exc}") from None
-        if bytes(q.report_data) != collector.report_data(nonce):
-            raise SelfCheckError("self-check quote carries the wrong report_data")
+            ev = check_own_evidence(raw, collector.report_data(nonce), tee=collector.tee, allow_v5=True,
+                                    binding="nonce || SHA-256(service cert SPKI)", refusal="refusing to serve it")
+        except OwnEvidenceError as exc:
+            raise SelfCheckError(f"self-check: {exc.message}") from None
         took_ms = round((time.monotonic() - started) * 1000, 1)
-        m: dict[str, Any] = {name: bytes(getattr(q, name)).hex()
-                             for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3")}
-        m.update(debug=bool(q.debug), quote_version=int(q.version), self_check_ms=took_ms)
-        log.info("serve.self_check", result="ok", duration_ms=took_ms, mr_td=m["mr_td"][:16])
+        m: dict[str, Any] = dict(ev.measurements)
+        if ev.tee == TDX:
+            m.update(debug=ev.debug, quote_version=ev.version, self_check_ms=took_ms, tee=ev.tee)
+            log.info("serve.self_check", result="ok", tee=ev.tee, duration_ms=took_ms, mr_td=m["mr_td"][:16])
+        else:
+            m.update(debug=ev.debug, report_version=ev.version, self_check_ms=took_ms, tee=ev.tee)
+            log.info("serve.self_check", result="ok", tee=ev.tee, duration_ms=took_ms,
+                     measurement=m["measurement"][:16])
         return m
 
     def _listener(self, name: str, path: str, sock: socket.socket, activated: bool) -> _Listener:
         assert self.ctx is not None
         s = self.cfg.serve
-        tracker = ConnTracker(PeerResolver(), name=name, max_connections=s.max_connections,
-                              idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s,
-                              max_per_caller=s.max_connections_per_caller,
-                              max_unidentified=s.max_connections_unidentified,
-                              reserved=s.connections_reserved_for_new_callers,
-                              max_active_per_caller=s.max_active_requests_per_caller,
-                              rate_per_caller=s.requests_per_caller_per_s,
-                              burst_per_caller=s.requests_per_caller_burst)
+        tracker = ServeGate.for_socket(name, s)
         render = compat_body if name == "compat" else chute_body
         tracker.error_body = render
         mw = make_middleware(tracker, socket_name=name, render=render, max_body=s.max_body_bytes,
-                             timeout_s=s.request_timeout_s, counters=self.ctx.counters, no_timeout=NO_TIMEOUT,
+                             timeout_s=s.request_timeout_s, counters=self.ctx.counters,
+                             request_log=self.ctx.request_log, no_timeout=NO_TIMEOUT,
                              reserved_lane=name == "compat")
         app = web.Application(middlewares=[mw], client_max_size=s.max_body_bytes)
         app[CTX_KEY] = self.ctx
@@ -150,11 +150,12 @@ class Service:
         cfg = self.cfg
         self.notifier.status("starting: loading service certificate")
         cert = load_identity(cfg.serve)  # the boot's CA-signed leaf (1.4.0+) or the self-signed pair
+        source = make_quote_source(cfg)  # resolves the TEE (quote.tee); nothing is quoted yet
         if cfg.rtmr.runtime_event:  # ≤1.2 images: before any quote, so no runtime quote passes as a boot one
             from agent.evidence.rtmr3_runtime import apply_runtime_event
 
-            await asyncio.to_thread(apply_runtime_event, cfg.rtmr.sysfs_path, cfg.rtmr.event_log)
-        source = make_quote_source(cfg)
+            await asyncio.to_thread(apply_runtime_event, cfg.rtmr.sysfs_path, cfg.rtmr.event_log,
+                                    tee=getattr(source, "tee", "tdx"))
         self._queue = QuoteQueue(source, max_len=cfg.quote.queue_max, default_deadline_s=cfg.quote.deadline_s,
                                  max_per_caller=cfg.quote.queue_per_caller,
                                  reserved=min(cfg.quote.queue_reserved_compat, cfg.quote.queue_max - 1))
@@ -162,7 +163,10 @@ class Service:
         collector = Collector(cfg, cert, self._queue, gpu)
         self.ctx = ServiceContext.build(cfg, collector)
         self.notifier.status(f"starting: self-check quote from {getattr(source, 'name', cfg.quote.source)}")
-        measurements = await self._self_check(collector)
+        try:
+            measurements = await self._self_check(collector)
+        except EvidenceError as exc:  # the source cannot produce the one quote: unavailable (exit 5), never ready
+            raise SelfCheckError(f"self-check quote: {exc}") from exc
         measurements["quote_source"] = getattr(source, "name", cfg.quote.source)
         measurements["service_cert_spki_sha256"] = cert.spki_sha256.hex()
         measurements["service_identity"] = {"source": cert.source, "why": cert.why}
@@ -186,7 +190,7 @@ class Service:
         for lst in self.listeners:
             await lst.runner.setup()
             assert lst.runner.server is not None
-            lst.sock.listen(BACKLOG)  # as create_unix_server did (an activated socket gets our backlog too)
+            lst.sock.listen(self.cfg.serve.listen_backlog)  # an activated socket gets our backlog too
             # accepted here, not by asyncio: a refused connection never becomes a transport/aiohttp handler
             lst.server = Acceptor(lst.sock, lst.tracker, lst.tracker.factory(lst.runner.server))
         self.ctx.health = {"status": "ok"}
@@ -209,6 +213,7 @@ class Service:
         self.notifier.ready(status)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="serve-health"))
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="serve-purge"))
+        self._tasks.append(asyncio.create_task(self._summary_loop(), name="serve-request-summary"))
 
     # -- steady state -------------------------------------------------------------------------------
     async def _purge_loop(self) -> None:
@@ -216,6 +221,15 @@ class Service:
         while True:
             await asyncio.sleep(min(30.0, max(1.0, self.ctx.nonces.ttl_s / 4)))
             self.ctx.nonces.purge_expired()
+
+    async def _summary_loop(self) -> None:
+        """One serve.request_summary line per interval (routine successes are not logged one by one)."""
+        assert self.ctx is not None
+        rlog = self.ctx.request_log
+        while True:
+            await asyncio.sleep(max(0.05, rlog.seconds_until_due()))
+            if rlog.seconds_until_due() <= 0:
+                rlog.flush()
 
     async def _probe(self) -> None:
         assert self.ctx is not None
@@ -253,14 +267,11 @@ class Service:
                 call_seen = None
             wedged = (call_seen is not None and loop.time() - call_seen[1] > wedge_s) or \
                 ch.oldest_in_flight_s() > wedge_s
-            lagging = window_lag > max_lag
-            failing = ch.consecutive_failures > 0
-            healthy = not (wedged or lagging)
-            self.ctx.health = {
-                "status": "ok" if healthy and not failing else "degraded",
-                "loop_lag_ms": round(window_lag * 1000, 1),
-                "quote_source": "wedged" if wedged else ("failing: " + ch.last_error if failing else "ok"),
-            }
+            state = HealthState(loop_lag_s=window_lag, max_lag_s=max_lag, wedged=wedged,
+                                consecutive_failures=ch.consecutive_failures, last_error=ch.last_error)
+            failing = state.consecutive_failures > 0
+            healthy = responsive(state)
+            self.ctx.health = health(state)[1]
             window_lag = 0.0
             if healthy and wd:
                 self.notifier.watchdog()
@@ -318,15 +329,43 @@ class Service:
         from agent.validator.rint_relay import close_shared
 
         await close_shared()  # the rint relay's pooled validator connections
+        if self.ctx is not None:
+            self.ctx.request_log.flush()  # what was counted since the last summary, not lost at stop
         log.info("serve.stopped", duration_ms=round((time.monotonic() - started) * 1000, 1), abandoned=left)
 
 
+class StartError(UnavailableError):
+    """An operating-system resource the service needs at start (a socket's directory, a file) is unusable."""
+
+
+def start_error(exc: Exception) -> AgentError | None:
+    """What a start failure exits with (``cli.main`` maps it, as every command's error): an
+    :class:`~agent.errors.AgentError` keeps its class's exit code (a socket or certificate problem 5, a
+    configuration problem 2, a hand-off identity that does not verify 3, a failed self-check 5), any other
+    ``OSError`` is :class:`StartError` (5); None for anything else (a bug: re-raised as it is)."""
+    if isinstance(exc, AgentError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return StartError(f"{where}{exc.strerror or exc}")
+    return None
+
+
+def _start_failure_report(exc: AgentError) -> tuple[str, str]:
+    """(log event, ``STATUS=`` text) for a start failure."""
+    from agent.evidence.service_identity import ServiceCertError
+
+    if isinstance(exc, SelfCheckError):
+        return "serve.self_check", f"self-check failed: {exc}"
+    if isinstance(exc, ServiceCertError):  # the boot's identity is there but wrong: never fall back
+        return "serve.start_failed", f"start failed: service identity: {exc}"
+    return "serve.start_failed", f"start failed: {exc}"
+
+
 async def serve(cfg: AgentConfig) -> int:
-    """Run until SIGTERM/SIGINT; the CLI's exit code."""
-    from agent.evidence.base import EvidenceError
-    from agent.evidence.service_identity import HandoffIdentityError, ServiceCertError
-    from agent.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_VERIFY_FAILED
-    from agent.serve.sockets import SocketSetupError
+    """Run until SIGTERM/SIGINT, then exit 0; a start failure is raised (after the clean-up) as the
+    :class:`~agent.errors.AgentError` whose exit code ``cli.main`` returns (see :func:`start_error`)."""
+    from agent.exitcodes import EXIT_OK
 
     svc = Service(cfg)
     loop = asyncio.get_running_loop()
@@ -334,24 +373,22 @@ async def serve(cfg: AgentConfig) -> int:
         loop.add_signal_handler(sig, svc.request_stop)
     try:
         await svc.start()
-    except (SelfCheckError, EvidenceError) as exc:
-        log.error("serve.self_check", result="failed", reason=str(exc))
-        svc.notifier.status(f"self-check failed: {exc}")
+    except Exception as exc:
+        err = start_error(exc)
+        if err is None:
+            log.error("serve.start_failed", reason=f"{type(exc).__name__}: {exc}", code="internal")
+            await svc.stop()
+            raise
+        event, status = _start_failure_report(err)
+        log.error(event, result="failed", reason=str(err), code=err.reason, exit_code=err.exit_code)
+        svc.notifier.status(status)
         await svc.stop()
-        return EXIT_UNAVAILABLE
-    except HandoffIdentityError as exc:  # the boot's identity is there but wrong: never fall back
-        log.error("serve.start_failed", reason=str(exc), code=exc.reason)
-        svc.notifier.status(f"start failed: service identity: {exc}")
-        await svc.stop()
-        return EXIT_VERIFY_FAILED
-    except (ServiceCertError, SocketSetupError, ValueError, OSError) as exc:
-        log.error("serve.start_failed", reason=str(exc))
-        svc.notifier.status(f"start failed: {exc}")
-        await svc.stop()
-        return EXIT_FAILED
+        if err is exc:
+            raise
+        raise err from exc
     await svc.wait()
     await svc.stop()
     return EXIT_OK
 
 
-__all__ = ["ApiError", "SelfCheckError", "Service", "serve"]
+__all__ = ["ApiError", "SelfCheckError", "Service", "StartError", "serve", "start_error"]

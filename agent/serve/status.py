@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,37 @@ import aiohttp
 from agent import __version__
 from agent.serve.context import ServiceContext
 from agent.serve.peer import Peer
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    """What the health check reads, sampled once per evaluation period by the service's health loop."""
+
+    #: The event loop's worst lag over the period, and the most it may lag and still count as responsive.
+    loop_lag_s: float
+    max_lag_s: float
+    #: A quote-source call (or an evidence request) has been running past the wedge limit.
+    wedged: bool
+    #: Quote-source calls that failed in a row since the last success, and the last failure's text.
+    consecutive_failures: int = 0
+    last_error: str = ""
+
+
+def responsive(state: HealthState) -> bool:
+    """The service answers and its quote source is not stuck: the systemd watchdog may be pinged."""
+    return not state.wedged and state.loop_lag_s <= state.max_lag_s
+
+
+def health(state: HealthState) -> tuple[str, dict[str, Any]]:
+    """("ok" or "degraded", the health document ``/v1/health``, ``/v1/status`` and ``/status`` show).
+
+    Degraded when the loop lags past its limit, a quote-source call is wedged, or the last quote-source
+    call failed; a pure function of ``state``.
+    """
+    failing = state.consecutive_failures > 0
+    status = "ok" if responsive(state) and not failing else "degraded"
+    source = "wedged" if state.wedged else ("failing: " + state.last_error if failing else "ok")
+    return status, {"status": status, "loop_lag_ms": round(state.loop_lag_s * 1000, 1), "quote_source": source}
 
 
 def _boot_status(path: str) -> Any:
@@ -81,6 +113,7 @@ def node_status(ctx: ServiceContext) -> dict[str, Any]:
                                    "timed_out": t.timed_out, "bad_http": t.bad_http,
                                    "unidentified": t.resolver.unidentified}
                             for name, t in ctx.trackers.items()},
+            "request_log": ctx.request_log.status(),
         },
     )
     return doc

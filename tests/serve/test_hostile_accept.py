@@ -82,7 +82,8 @@ async def test_refused_connections_never_reach_aiohttp(service_factory, monkeypa
 async def test_reserved_slots_refused_at_accept(service_factory, monkeypatch) -> None:
     """The socket's last slots (reserved for callers holding none) are refused at accept too."""
     svc = await service_factory(max_connections=8, max_connections_per_caller=8,
-                                connections_reserved_for_new_callers=2)
+                                connections_reserved_for_new_callers=2, connections_share_containers=0,
+                                connections_share_host=0, max_connections_unidentified=0)  # all pooled
     path = svc.cfg.serve.chute_socket
     tracker = svc.ctx.trackers["chute"]
     made = _count_handlers(monkeypatch)
@@ -107,9 +108,9 @@ async def test_failed_transport_gives_the_slot_back(service_factory, monkeypatch
     monkeypatch.setattr(loop, "connect_accepted_socket", broken)
     assert await _refused(path) == b""
     await asyncio.sleep(0.05)
-    assert tracker._admitting == 0 and not tracker._scopes and not tracker.states and tracker.refused == 0
+    assert sum(tracker.admission.budget.held.values()) == 0 and not tracker.states and tracker.refused == 0
     monkeypatch.undo()
     reader, writer = await asyncio.open_unix_connection(path)
     assert (await _get(reader, writer))[0].startswith(b"HTTP/1.1 200 OK")
-    assert tracker._admitting == 0 and len(tracker.states) == 1
+    assert sum(tracker.admission.budget.held.values()) == 1 and len(tracker.states) == 1
     writer.close()

@@ -7,7 +7,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from agent.serve import connections
+from agent.serve import gate
 
 
 async def _refused(path: str) -> bytes:
@@ -28,7 +28,7 @@ async def test_refused_connections_are_counted_and_logged_once_per_interval(serv
     tracker = svc.ctx.trackers["chute"]
     held = [await asyncio.open_unix_connection(path) for _ in range(2)]
     await asyncio.sleep(0.05)
-    monkeypatch.setattr(connections, "REFUSAL_LOG_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(gate, "REFUSAL_LOG_INTERVAL_S", 3600.0)
     with capture_logs() as logs:
         answers = [await _refused(path) for _ in range(30)]
     assert answers == [b""] * 30 and tracker.refused == 30
@@ -37,7 +37,7 @@ async def test_refused_connections_are_counted_and_logged_once_per_interval(serv
     assert refused[0]["reason"] == "per-caller connection cap reached" and refused[0]["held"] == 2
     assert refused[0]["refused_since_last"] == 0
     # once the interval has passed, the next refusal is logged with the count of those not logged
-    monkeypatch.setattr(connections, "REFUSAL_LOG_INTERVAL_S", 0.0)
+    monkeypatch.setattr(gate, "REFUSAL_LOG_INTERVAL_S", 0.0)
     with capture_logs() as logs:
         assert await _refused(path) == b""
     refused = [e for e in logs if e["event"] == "serve.connection_refused"]

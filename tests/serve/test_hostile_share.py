@@ -39,14 +39,14 @@ async def test_flooding_caller_gets_a_bounded_share(service_factory, monkeypatch
     await asyncio.sleep(0.1)
     scope = next(iter(tracker.states.values())).peer.scope
     assert sum(st.busy for st in tracker.states.values()) == 2  # two in progress ...
-    assert tracker._active[scope] == 2
-    assert tracker.held == 4 and len(tracker._waiting[scope]) == 4  # ... four waiting, unread
+    assert tracker.fair.active(scope) == 2
+    assert tracker.fair.waited == 4 and tracker.fair.waiting(scope) == 4  # ... four waiting, unread
     # the compat socket is another tracker: the validator's path is not held behind the flood
     status, took = await _get(svc.cfg.serve.compat_socket, "/health")
     assert status == 200 and took < 0.15
     results = await asyncio.gather(*flood)
     assert [s for s, _ in results] == [200] * 6  # every waiting request was answered in turn
-    assert scope not in tracker._active and scope not in tracker._waiting
+    assert tracker.fair.active(scope) == 0 and tracker.fair.waiting(scope) == 0 and tracker.fair.running == 0
     assert max(t for _, t in results) >= 0.6  # three rounds of two 0.2 s quotes
 
 

@@ -5,6 +5,7 @@ the test, and the entries are decoded from the journal native protocol."""
 from __future__ import annotations
 
 import array
+import json
 import os
 import socket
 import threading
@@ -104,8 +105,16 @@ def test_journald_entries_have_stable_ids_and_fields(short_tmp: Path, sim_dir: P
         assert e["SYSLOG_IDENTIFIER"] == "chutes-attest"
         assert e["MESSAGE_ID"] == message_id(e["EVENT"])
     requests = [e for e in entries if e["EVENT"] == "serve.request"]
-    assert [(r["ROUTE"], r["STATUS"]) for r in requests] == [
-        ("/v1/health", "200"), ("/v1/evidence", "400"), ("/v1/symkey/respond", "200")]
+    # routine successes are summed, a refusal gets its own line
+    assert [(r["ROUTE"], r["STATUS"]) for r in requests] == [("/v1/evidence", "400")]
+    summaries = [e for e in entries if e["EVENT"] == "serve.request_summary"]
+    assert len(summaries) == 1  # flushed at stop (the interval is a minute)
+    summary = summaries[0]
+    assert summary["MESSAGE_ID"] == message_id("serve.request_summary") == "6f6da2593442530eaa44d0ef28cd1fd5"
+    assert json.loads(summary["COUNTS"]) == {"chute /v1/evidence 400 host": 1, "chute /v1/health 200 host": 1,
+                                             "chute /v1/symkey/respond 200 host": 1}
+    assert json.loads(summary["BY_CLASS"]) == {"host": 3}
+    assert (summary["REQUESTS"], summary["ERRORS"], summary["SLOW"]) == ("3", "1", "0")
     for r in requests:
         assert r["MESSAGE_ID"] == message_id("serve.request") == "b78220e0841b5b4ab128b1c96cb7fa72"
         assert r["PEER_PID"] == str(os.getpid()) and r["PEER_UID"] == str(os.getuid())

@@ -44,9 +44,17 @@ def test_peer_credentials_socketpair() -> None:
         assert peer_credentials(a) == (os.getpid(), os.getuid(), os.getgid())
 
 
+def write_stat(pid_dir: Path, *, state: str = "S", flags: int = 0x400000, start: int = 4242) -> None:
+    """A ``/proc/<pid>/stat`` line: pid (comm) then 50 fields; state is field 3, flags 9, starttime 22."""
+    fields = ["0"] * 50
+    fields[0], fields[6], fields[19] = state, str(flags), str(start)
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / "stat").write_text(f"{pid_dir.name} (py) thon) {' '.join(fields)}\n")
+
+
 def test_resolver_uses_proc_cgroup_and_caches(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
-    (proc / str(os.getpid())).mkdir(parents=True)
+    write_stat(proc / str(os.getpid()))
     cg = proc / str(os.getpid()) / "cgroup"
     cg.write_text(f"0::/kubepods/pod{POD}/{CID}\n")
     resolver = PeerResolver(proc_root=str(proc))
@@ -80,7 +88,7 @@ async def test_peer_pid_of_real_client_process_is_logged(service) -> None:
         import os, socket, sys
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect({path!r})
-        s.sendall(b"POST /v1/rint/nonce HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 0\\r\\n"
+        s.sendall(b"POST /v1/no-such-route HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 0\\r\\n"
                   b"Connection: close\\r\\n\\r\\n")
         data = b""
         while chunk := s.recv(4096):
@@ -92,11 +100,11 @@ async def test_peer_pid_of_real_client_process_is_logged(service) -> None:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", client, stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
     pid_text, status = out.decode().split()
-    assert status == "200"
-    events = [e for e in logs if e.get("event") == "serve.request" and e.get("route") == "/v1/rint/nonce"]
+    assert status == "404"  # a refusal: logged on its own line (a routine 200 only goes into the summary)
+    events = [e for e in logs if e.get("event") == "serve.request" and e.get("status") == 404]
     assert len(events) == 1
     ev = events[0]
     assert ev["peer_pid"] == int(pid_text) != os.getpid()
     assert ev["peer_uid"] == os.getuid()
-    assert ev["status"] == 200 and ev["socket"] == "chute" and ev["duration_ms"] >= 0
+    assert ev["socket"] == "chute" and ev["duration_ms"] >= 0 and ev["caller_class"] == "host"
     assert "container" in ev
