@@ -23,7 +23,8 @@ CPUs, here it would otherwise take the service's CPU time, which no server-side 
 It still sends as fast as the machine lets it (tens of thousands of requests per segment). The quote
 source and GPUs are emulated in Python on threads, so their work also competes for the GIL with the event
 loop answering the flood, which hardware sources (kernel / driver calls) mostly do not.
-BENCH_ATTACK=evidence,nonce,relay,churn picks a subset of the attacks.
+BENCH_ATTACK=evidence,nonce,relay,churn picks a subset of the attacks; BENCH_KEEP_LOG=FILE keeps the service's
+log (with CHUTES_ATTEST_SERVE_REQUEST_LOG=each: every request's server-side duration).
 
     python bench/bench_hostile_load.py [--seconds 24] [--interval 0.06] [--rounds 2] [--connections 64]
 """
@@ -340,6 +341,9 @@ evidence_burst = 20
                             break
                         except OSError:
                             time.sleep(0.1)
+    keep = os.environ.get("BENCH_KEEP_LOG")  # the service's log, for a look at what it did under load
+    if keep:
+        shutil.copyfile(tmp / "serve.log", keep)
     shutil.rmtree(tmp, ignore_errors=True)
     out: dict[str, object] = {"distinct_cgroups": root is not None}
     for probe in ("good", "compat"):

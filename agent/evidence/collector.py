@@ -164,8 +164,9 @@ class Collector:
 
     async def evidence(self, nonce: bytes, gpu_ids: list[str] | None, *, caller: str = "") -> dict[str, Any]:
         """The ``/v1/evidence`` document (also what ``chutes-attest evidence --json`` prints)."""
-        quote = await self.quote(nonce, caller=caller)
-        gpu = await self.gpu_evidence(nonce, gpu_ids)
+        # the TEE and the GPUs work at once (independent hardware, the same nonce): the request takes the
+        # longer of the two, not their sum; the first failure is the answer (the other's result is dropped)
+        quote, gpu = await asyncio.gather(self.quote(nonce, caller=caller), self.gpu_evidence(nonce, gpu_ids))
         tpm = None
         # Only hop to a thread (ESAPI blocks) when a TPM can be there at all: no per-request cost otherwise.
         if self.cfg.tpm.mode != "off" and resolve_tcti(self.cfg.tpm) is not None:

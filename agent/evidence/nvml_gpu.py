@@ -109,6 +109,9 @@ class NvmlGpuSource:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._initialized = False
         self._chains: dict[str, bytes] = {}
+        #: (handle, uuid) per GPU in NVML order, read once after init: a VM's GPU set does not change and the
+        #: handles stay valid until nvmlShutdown (close() forgets them).
+        self._gpus: list[tuple[Any, str]] | None = None
         self._verify_root_pem = verify_root_pem
         #: The emulated NVML installed for this source (gpu.emulate), undone by close(); None = real NVML.
         self.emulation: GpuEmulation | None = None
@@ -183,12 +186,20 @@ class NvmlGpuSource:
         except concurrent.futures.TimeoutError:
             raise GpuTimeoutError(f"{what}: no answer from NVML within {self._timeout:g} s") from None
 
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, step: list[str] | None = None) -> T:
+        """``fn(*args)`` on a worker; a job of several NVML calls names the one it is in through ``step``
+        (its first item, set by :meth:`_step`), so a timeout names the call that hung."""
         fut = self._spawn(what, fn, *args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
         except TimeoutError:
-            raise GpuTimeoutError(f"{what}: no answer from NVML within {self._timeout:g} s") from None
+            where = step[0] if step else what
+            raise GpuTimeoutError(f"{where}: no answer from NVML within {self._timeout:g} s") from None
+
+    def _step(self, step: list[str], what: str, fn: Callable[..., T], *args: Any) -> T:
+        """One NVML call inside a multi-call job (on the worker): named for errors and timeouts."""
+        step[0] = what
+        return self._guarded(what, fn, *args)
 
     def _init_once(self) -> None:
         with self._init_lock:
@@ -261,12 +272,27 @@ class NvmlGpuSource:
             out.append((handle, pynvml.nvmlDeviceGetUUID(handle)))
         return out
 
+    async def _ensure_init(self) -> None:
+        """NVML init on a worker (it can take seconds on real GPUs); no thread hop once it is done."""
+        if not self._initialized:
+            await self._call("NVML init", self._init_once)
+
     async def _select(self, wanted: list[str] | None) -> tuple[list[tuple[Any, str]], list[int]]:
-        await self._call("NVML init", self._init_once)
-        gpus = await self._call("enumerate GPUs", self._enumerate)
+        await self._ensure_init()
+        if self._gpus is None:
+            self._gpus = await self._call("enumerate GPUs", self._enumerate)
+        return self._selected(self._gpus, wanted)
+
+    @staticmethod
+    def _selected(gpus: list[tuple[Any, str]], wanted: list[str] | None) -> tuple[list[tuple[Any, str]], list[int]]:
         if not gpus:
             raise GpuEvidenceError("NVML reports no GPUs")
         return gpus, select_indices([u for _, u in gpus], wanted)
+
+    def _state_and_gpus(self, step: list[str]) -> tuple[dict[str, Any], list[tuple[Any, str]]]:
+        """CC state and the GPU list in one worker call (each NVML error named by its own step)."""
+        return (self._step(step, "read CC state", self._cc_state_raw),
+                self._step(step, "enumerate GPUs", self._enumerate))
 
     # -- evidence --------------------------------------------------------------------------------------
     @staticmethod
@@ -285,37 +311,75 @@ class NvmlGpuSource:
             raise GpuEvidenceError(f"attestation report has an invalid size {size}")
         return ctypes.string_at(ctypes.addressof(rep.attestationReport), size)
 
-    async def _collect_one(self, index: int, handle: Any, uuid: str, nonce: bytes) -> dict[str, str]:
-        label = f"GPU {index} ({uuid})"
-        arch_code = await self._call(f"{label} architecture", pynvml.nvmlDeviceGetArchitecture, handle)
+    def _one_gpu(self, step: list[str], label: str, handle: Any, uuid: str, nonce: bytes,
+                 with_state: bool) -> tuple[dict[str, Any] | None, str, bytes, bytes]:
+        """(CC state if asked, arch, certificate chain, report) for one GPU in one worker call: what a
+        request needs from a GPU is one thread hop, not four (each hop waits for a busy event loop and the
+        GIL). The CC state is checked first, so a node with CC off never produces a report."""
+        state = None
+        if with_state:
+            state = self._step(step, "read CC state", self._cc_state_raw)
+            self._require_cc(state)
+        arch_code = self._step(step, f"{label} architecture", pynvml.nvmlDeviceGetArchitecture, handle)
         arch = ARCHITECTURES.get(arch_code)
         if arch is None:
             raise GpuEvidenceError(f"{label}: unsupported architecture {arch_code} (HOPPER=9, BLACKWELL=10)")
         chain = self._chains.get(uuid)
         if chain is None:
-            chain = await self._call(f"{label} attestation certificate chain", self._read_chain, handle)
-            self._chains[uuid] = chain
-        report = await self._call(f"{label} attestation report", self._read_report, handle, nonce)
-        return {
+            chain = self._step(step, f"{label} attestation certificate chain", self._read_chain, handle)
+            self._chains[uuid] = chain  # a GPU's chain does not change while the VM runs
+        report = self._step(step, f"{label} attestation report", self._read_report, handle, nonce)
+        return state, arch, chain, report
+
+    async def _collect_one(self, index: int, handle: Any, uuid: str, nonce: bytes,
+                           with_state: bool = False) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        label = f"GPU {index} ({uuid})"
+        step = [f"{label} evidence"]
+        state, arch, chain, report = await self._call(step[0], self._one_gpu, step, label, handle, uuid, nonce,
+                                                      with_state, step=step)
+        return state, {
             "certificate": base64.b64encode(chain).decode(),
             "evidence": base64.b64encode(report).decode(),
             "arch": arch,
         }
 
     async def evidence(self, nonce: bytes, gpu_ids: list[str] | str | None = None) -> list[dict[str, Any]]:
-        """Per selected GPU ``{"certificate", "evidence", "arch"}`` for ``nonce`` (32 bytes), NVML index order."""
+        """Per selected GPU ``{"certificate", "evidence", "arch"}`` for ``nonce`` (32 bytes), NVML index order.
+
+        One worker call per GPU, all at once; the first also reads (and checks) the CC state. The first
+        request reads the state and the GPU list on their own, before any report."""
         nonce = _check_nonce(nonce)
         wanted = parse_gpu_ids(gpu_ids)  # bad input fails before any hardware is touched
         start = time.monotonic()
-        await self._call("NVML init", self._init_once)
-        state = await self._call("read CC state", self._cc_state_raw)
-        self._require_cc(state)
-        gpus, indices = await self._select(wanted)
-        entries = list(await asyncio.gather(*(self._collect_one(i, *gpus[i], nonce) for i in indices)))
+        await self._ensure_init()
+        state: dict[str, Any] | None = None
+        known = self._gpus
+        if known is None:
+            step = ["read CC state"]
+            first_state, listed = await self._call(step[0], self._state_and_gpus, step, step=step)
+            known = self._gpus = listed
+            self._require_cc(first_state)
+            state = first_state
+        gpus, indices = self._selected(known, wanted)
+        if not indices and state is None:
+            state = await self._call("read CC state", self._cc_state_raw)
+            self._require_cc(state)
+        results = await asyncio.gather(
+            *(self._collect_one(i, *gpus[i], nonce, with_state=state is None and k == 0)
+              for k, i in enumerate(indices)), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # the CC-state refusal (first job) first, else the first GPU's failure in NVML order
+            raise next((e for e in failed if isinstance(e, GpuNotConfidentialError)), failed[0])
+        done = [r for r in results if not isinstance(r, BaseException)]
+        if state is None:
+            state = done[0][0]
+        assert state is not None
+        entries = [entry for _, entry in done]
         if self._cfg.set_ready_after_verify:
             await self._set_ready_if_verified(entries, nonce, all_gpus=len(indices) == len(gpus))
-        log.info("gpu.evidence", gpus=len(entries), multi_gpu_mode=state["multi_gpu_mode"],
-                 duration_ms=round((time.monotonic() - start) * 1000, 1), result="ok")
+        # per request: debug (the request log counts them); failures surface as the request's error line
+        log.debug("gpu.evidence", gpus=len(entries), multi_gpu_mode=state["multi_gpu_mode"],
+                  duration_ms=round((time.monotonic() - start) * 1000, 1), result="ok")
         return entries
 
     async def _set_ready_if_verified(self, entries: list[dict[str, Any]], nonce: bytes, *, all_gpus: bool) -> None:
@@ -365,6 +429,7 @@ class NvmlGpuSource:
             except GpuEvidenceError as exc:
                 log.warning("gpu.nvml_shutdown_failed", reason=str(exc))
             self._initialized = False
+            self._gpus = None  # the handles die with NVML
         if self.emulation is not None:
             self.emulation.uninstall()
             self.emulation = None

@@ -49,6 +49,10 @@ log = get_logger(__name__)
 REFUSAL_LOG_INTERVAL_S = 1.0
 #: Bytes a waiting connection may buffer here before it is closed (reading is paused meanwhile).
 MAX_HELD_BYTES = 1 << 20
+#: A waiting connection's reading is paused once it has buffered this much: a request waiting its turn is
+#: usually one small head (no syscalls to pause and resume for it), a deep pipeline stops being read here
+#: (at most this much per connection in memory, the rest in the kernel's and the caller's buffers).
+HOLD_PAUSE_BYTES = 8192
 
 
 @dataclass(slots=True, eq=False)
@@ -323,7 +327,8 @@ class GateProtocol(asyncio.Protocol):
     """Forwards to aiohttp's RequestHandler once the gate has admitted the connection; holds a request's
     bytes back (reading paused) while its caller is over its rate or has no request slot free."""
 
-    __slots__ = ("_gate", "_held", "_now", "_peer", "_state", "_transport", "inner", "opened")
+    __slots__ = ("_gate", "_held", "_held_len", "_now", "_paused", "_peer", "_state", "_transport", "inner",
+                 "opened")
 
     def __init__(self, gate: ServeGate, inner: Any, peer: Peer | None = None) -> None:
         self._gate = gate
@@ -332,7 +337,9 @@ class GateProtocol(asyncio.Protocol):
         self._transport: Any = None
         self._state: ConnState | None = None  # this connection's entry in gate.states (no per-chunk lookup)
         self._now: Callable[[], float] = asyncio.get_running_loop().time
-        self._held: bytearray | None = None  # bytes waiting for the caller's turn (reading is paused)
+        self._held: list[bytes] | None = None  # chunks waiting for the caller's turn
+        self._held_len = 0
+        self._paused = False  # reading paused by the gate (a deep pipeline is waiting)
         #: The gate took the connection over (its admission slot is now given back when it closes).
         self.opened = False
 
@@ -344,17 +351,27 @@ class GateProtocol(asyncio.Protocol):
             self.inner.connection_made(transport)
 
     def _hold(self, data: bytes) -> None:
-        self._held = bytearray(data)
+        self._held = [data]
+        self._held_len = len(data)
+        if self._held_len > HOLD_PAUSE_BYTES:
+            self._pause()
+
+    def _pause(self) -> None:
+        self._paused = True
         self._transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         st = self._state
         if st is None:
             return
-        if self._held is not None:  # still waiting for this caller's turn
-            self._held += data
-            if len(self._held) > MAX_HELD_BYTES:
+        held = self._held
+        if held is not None:  # still waiting for this caller's turn
+            held.append(data)
+            self._held_len += len(data)
+            if self._held_len > MAX_HELD_BYTES:
                 self._transport.close()
+            elif self._held_len > HOLD_PAUSE_BYTES and not self._paused:
+                self._pause()
             return
         gate = self._gate
         if gate.pacing is not None:
@@ -391,9 +408,12 @@ class GateProtocol(asyncio.Protocol):
         held, self._held = self._held, None
         if held is None or self._transport.is_closing() or self._state is None:
             return
-        self._transport.resume_reading()
-        if held:
-            self.data_received(bytes(held))
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+        data = held[0] if len(held) == 1 else b"".join(held)
+        if data:
+            self.data_received(data)
 
     def _reject(self, detail: str) -> None:
         """Answer with the socket's JSON 400 and close (bytes aiohttp would never turn into a request)."""

@@ -360,3 +360,46 @@ async def test_hung_call_keeps_its_thread_and_others_go_on(fake_nvml, make_sourc
     entries = await src.evidence(os.urandom(32))
     assert len(base64.b64decode(entries[0]["evidence"])) > 32
     assert src._inflight == 1  # the hung call, still counted against MAX_INFLIGHT_CALLS
+
+
+async def test_one_worker_call_per_gpu_after_the_first_request(fake_nvml, make_source, sim_ca):
+    """Each thread hop waits for a busy event loop and the GIL: after the first request (init, state and
+    the GPU list on their own) a request costs one worker call per GPU, all at once, state included."""
+    fake = fake_nvml(simulated_gpus(2, "h100", sim_ca))
+    src = make_source()
+    jobs: list[str] = []
+    real_spawn = src._spawn
+
+    def counting_spawn(what, fn, *args):
+        jobs.append(what)
+        return real_spawn(what, fn, *args)
+
+    src._spawn = counting_spawn
+    await src.evidence(os.urandom(32))
+    assert jobs[:2] == ["NVML init", "read CC state"] and len(jobs) == 4  # + one per GPU
+    jobs.clear()
+    before = fake.lib.calls["nvmlSystemGetConfComputeState"]
+    ev = await src.evidence(os.urandom(32))
+    assert len(ev) == 2
+    assert sorted(jobs) == sorted(f"GPU {i} ({u}) evidence" for i, u in enumerate(g.uuid for g in fake.lib.gpus))
+    assert fake.lib.calls["nvmlSystemGetConfComputeState"] == before + 1  # still read every request
+    assert fake.lib.calls["nvmlDeviceGetCount_v2"] == 1  # the GPU list is read once
+
+
+async def test_cc_turned_off_after_the_first_request_is_still_refused_before_any_report(fake_nvml, make_source):
+    fake = fake_nvml(2)
+    src = make_source()
+    await src.evidence(os.urandom(32))
+    reports = fake.lib.calls[REPORT]
+    fake.lib.system.cc_feature = 0
+    with pytest.raises(GpuNotConfidentialError, match="confidential computing is off"):
+        await src.evidence(os.urandom(32))
+    # the GPU whose job read the state produced no report; the other may have (its report is discarded)
+    assert fake.lib.calls[REPORT] - reports <= 1
+
+
+async def test_a_timeout_inside_a_combined_call_names_the_call_that_hung(fake_nvml, make_source):
+    fake_nvml(1, faults={REPORT: HANG})
+    src = make_source(call_timeout_s=0.2)
+    with pytest.raises(GpuTimeoutError, match=r"GPU 0 \(GPU-[0-9a-f-]+\) attestation report: no answer"):
+        await src.evidence(os.urandom(32))
