@@ -242,10 +242,10 @@ class Load:
                                          "before reporting its results")
                     try:
                         kind, payload = conn.recv()
-                    except EOFError:
+                    except EOFError:  # its pipe closed first: it died (or is dying) without results
                         proc.join(timeout=10)
-                        raise WorkerDied(f"load worker {i} (pid {proc.pid}) closed its pipe without results "
-                                         f"(exit code {proc.exitcode})") from None
+                        raise WorkerDied(f"load worker {i} (pid {proc.pid}) exited with code {proc.exitcode} "
+                                         "before reporting its results (its pipe closed)") from None
                     if kind != "ok":
                         raise LoadError(f"load worker {i} (pid {proc.pid}) failed: {payload}")
                     results[i] = payload
