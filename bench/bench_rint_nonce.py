@@ -40,12 +40,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from journal_sink import NS_PREFIX  # noqa: E402
 from loadgen import LoadResult, run_load  # noqa: E402
-
-#: The mount namespace that puts the sink's socket at /run/systemd/journal/socket for the service only.
-NS_PREFIX = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && '
-             'mount --bind "$0" /run/systemd/journal && exec "$@"']
 
 
 def cpu_s(pid: int) -> float:

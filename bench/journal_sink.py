@@ -19,8 +19,16 @@ import socket
 import sys
 from collections import Counter
 
+#: The private mount namespace that puts a sink's socket directory at /run/systemd/journal for the command
+#: after it only (``[*NS_PREFIX, SINK_DIR, argv...]``; needs root and ``unshare``).
+NS_PREFIX = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && '
+             'mount --bind "$0" /run/systemd/journal && exec "$@"']
+
 
 def decode_native(data: bytes) -> dict[str, str]:
+    """One journal native-protocol datagram: KEY=value lines, or KEY\\n<le64 size><bytes>\\n (strict:
+    a binary field must end in its newline, and every value must be UTF-8)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(data):
@@ -33,9 +41,27 @@ def decode_native(data: bytes) -> dict[str, str]:
             k = line
             size = int.from_bytes(data[nl + 1: nl + 9], "little")
             v = data[nl + 9: nl + 9 + size]
+            if data[nl + 9 + size: nl + 10 + size] != b"\n":
+                raise ValueError(f"journal field {k!r}: binary value not followed by a newline")
             i = nl + 10 + size
-        out[k.decode()] = v.decode(errors="replace")
+        out[k.decode()] = v.decode()
     return out
+
+
+def receive(sock: socket.socket) -> dict[str, str] | None:
+    """The next entry on a bound journal socket (a large one arrives as a sealed memfd); None on timeout."""
+    try:
+        data, anc, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
+    except (TimeoutError, InterruptedError):
+        return None
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % 4])
+            for fd in fds:
+                with os.fdopen(fd, "rb") as f:
+                    data = f.read()
+    return decode_native(data)
 
 
 def main() -> int:
@@ -55,18 +81,9 @@ def main() -> int:
     sock.settimeout(0.2)
     print("ready", flush=True)
     while not stopping:
-        try:
-            data, anc, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
-        except (TimeoutError, InterruptedError):
+        entry = receive(sock)
+        if entry is None:
             continue
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % 4])
-                for fd in fds:
-                    with os.fdopen(fd, "rb") as f:
-                        data = f.read()
-        entry = decode_native(data)
         event = entry.get("EVENT", "?")
         by_event[event] += 1
         kept = samples.setdefault(event, [])

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import time
 import uuid as uuid_mod
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,19 @@ def compat_gpu_id(raw: str) -> str | None:
 def _source_tee(queue: object) -> str:
     source = getattr(queue, "source", None) or getattr(queue, "_source", None)
     return str(getattr(source, "tee", TDX))
+
+
+async def both(quote: Awaitable[bytes], gpu: Awaitable[list[dict[str, Any]]]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The TEE quote and the GPU evidence at once (independent hardware, the same nonce): a request takes
+    the longer of the two, not their sum. Both are always awaited to the end, so a failure never leaves the
+    other's hardware call running unowned (a CLI exiting under a live NVML call aborted the interpreter);
+    then the quote's error wins, else the GPUs'."""
+    q, g = await asyncio.gather(quote, gpu, return_exceptions=True)
+    for result in (q, g):
+        if isinstance(result, BaseException):
+            raise result
+    assert isinstance(q, bytes) and isinstance(g, list)
+    return q, g
 
 
 class Collector:
@@ -164,9 +178,7 @@ class Collector:
 
     async def evidence(self, nonce: bytes, gpu_ids: list[str] | None, *, caller: str = "") -> dict[str, Any]:
         """The ``/v1/evidence`` document (also what ``chutes-attest evidence --json`` prints)."""
-        # the TEE and the GPUs work at once (independent hardware, the same nonce): the request takes the
-        # longer of the two, not their sum; the first failure is the answer (the other's result is dropped)
-        quote, gpu = await asyncio.gather(self.quote(nonce, caller=caller), self.gpu_evidence(nonce, gpu_ids))
+        quote, gpu = await both(self.quote(nonce, caller=caller), self.gpu_evidence(nonce, gpu_ids))
         tpm = None
         # Only hop to a thread (ESAPI blocks) when a TPM can be there at all: no per-request cost otherwise.
         if self.cfg.tpm.mode != "off" and resolve_tcti(self.cfg.tpm) is not None:

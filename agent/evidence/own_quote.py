@@ -72,23 +72,20 @@ def evidence_noun(tee: str) -> str:
 
 
 def check_own_evidence(raw: bytes, expected_report_data: bytes, *, tee: str, allow_v5: bool = False,
-                       binding: str = BOOT_BINDING, refusal: str = BOOT_REFUSAL,
-                       binding_only: bool = False) -> OwnEvidence:
+                       binding: str = BOOT_BINDING, refusal: str = BOOT_REFUSAL) -> OwnEvidence:
     """Apply the own-evidence policy for ``tee`` to ``raw``; :class:`OwnEvidenceError` on the first failure.
 
     ``binding`` names what ``expected_report_data`` is (for the message), ``refusal`` what the caller will
     not do with debug evidence. With the defaults, the TDX messages are the boot's historical ones.
-    ``binding_only`` (a collector's final check: the evidence is passed on, the policy is its user's): only
-    that it parses as ``tee``'s evidence and binds ``expected_report_data`` (TDX: and TEE type 0x81).
     """
     if tee == TDX:
-        return _check_tdx(bytes(raw), bytes(expected_report_data), allow_v5, binding, refusal, binding_only)
+        return _check_tdx(bytes(raw), bytes(expected_report_data), allow_v5, binding, refusal)
     if tee == SNP:
-        return _check_snp(bytes(raw), bytes(expected_report_data), binding, refusal, binding_only)
+        return _check_snp(bytes(raw), bytes(expected_report_data), binding, refusal)
     raise ValueError(f"tee: one of {', '.join(TEES)}, got {tee!r}")
 
 
-def _check_tdx(raw: bytes, rd: bytes, allow_v5: bool, binding: str, refusal: str, binding_only: bool) -> OwnEvidence:
+def _check_tdx(raw: bytes, rd: bytes, allow_v5: bool, binding: str, refusal: str) -> OwnEvidence:
     from agent.quote import QuoteError, parse_quote
 
     what = evidence_noun(TDX)
@@ -98,9 +95,9 @@ def _check_tdx(raw: bytes, rd: bytes, allow_v5: bool, binding: str, refusal: str
         raise OwnEvidenceError(f"{what} does not parse: {exc}", check="parse", tee=TDX) from None
     if bytes(q.report_data) != rd:
         raise OwnEvidenceError(f"{what}: report_data differs from {binding}", check="report_data", tee=TDX)
-    if q.debug and not binding_only:
+    if q.debug:
         raise OwnEvidenceError(f"{what}: TD DEBUG attribute is set; {refusal}", check="debug", tee=TDX)
-    if q.version != QUOTE_V4 and not allow_v5 and not binding_only:
+    if q.version != QUOTE_V4 and not allow_v5:
         raise OwnEvidenceError(f"{what} is version {q.version}: the Chutes validator reads v4 offsets only "
                                "(boot.allow_quote_v5 = true for other verifiers)", check="version", tee=TDX)
     if q.tee_type != TDX_TEE_TYPE:
@@ -109,7 +106,7 @@ def _check_tdx(raw: bytes, rd: bytes, allow_v5: bool, binding: str, refusal: str
     return OwnEvidence(TDX, int(q.version), bytes(q.report_data), bool(q.debug), m)
 
 
-def _check_snp(raw: bytes, rd: bytes, binding: str, refusal: str, binding_only: bool) -> OwnEvidence:
+def _check_snp(raw: bytes, rd: bytes, binding: str, refusal: str) -> OwnEvidence:
     from agent.quote.snp_parser import SnpReportError, parse_snp_report
 
     what = evidence_noun(SNP)
@@ -126,8 +123,6 @@ def _check_snp(raw: bytes, rd: bytes, binding: str, refusal: str, binding_only: 
          "product": r.product or "unknown", "version": str(int(r.version)), "vmpl": str(int(r.vmpl)),
          "signing_key": key or f"unknown ({r.signing_key})"}
     debug = bool(r.debug or policy & SNP_POLICY_DEBUG)
-    if binding_only:
-        return OwnEvidence(SNP, int(r.version), bytes(r.report_data), debug, m)
     if debug:
         raise OwnEvidenceError(f"{what}: POLICY.DEBUG is set; {refusal}", check="debug", tee=SNP)
     if r.vmpl != 0:

@@ -25,16 +25,16 @@ the ``{"detail": ...}`` body, with a 4xx status for bad input instead of the ref
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 
 from aiohttp import web
 
+from agent.evidence.collector import both
 from agent.evidence.own_quote import TDX
 from agent.log import get_logger
-from agent.serve.context import ctx_of
+from agent.serve.context import ServiceContext, ctx_of
 from agent.serve.errors import ApiError, json_response
 from agent.serve.handlers_common import (
     evidence_call,
@@ -54,11 +54,10 @@ async def health(request: web.Request) -> web.Response:
     return json_response("pong")
 
 
-async def _quote_b64(request: web.Request, nonce: bytes) -> str:
+def _checked_b64(ctx: ServiceContext, quote: bytes) -> str:
+    """The quote as the compat routes serve it: base64; a v5 TDX quote refused unless ``quote.allow_v5``."""
     from agent.evidence.collector import quote_version
 
-    ctx = ctx_of(request)
-    quote = await evidence_call(ctx.collector.quote(nonce, caller=peer_of(request).scope))
     if ctx.collector.tee != TDX:  # an SEV-SNP report has one layout for every version (sev-snp.md §1.1)
         return base64.b64encode(quote).decode()
     version = quote_version(quote)
@@ -72,6 +71,11 @@ async def _quote_b64(request: web.Request, nonce: bytes) -> str:
     return base64.b64encode(quote).decode()
 
 
+async def _quote_b64(request: web.Request, nonce: bytes) -> str:
+    ctx = ctx_of(request)
+    return _checked_b64(ctx, await evidence_call(ctx.collector.quote(nonce, caller=peer_of(request).scope)))
+
+
 async def _gpu_selection(request: web.Request) -> list[str] | None:
     return await evidence_call(ctx_of(request).collector.compat_gpu_selection(query_gpu_ids_raw(request)))
 
@@ -82,9 +86,10 @@ async def attest(request: web.Request) -> web.Response:
     assert nonce is not None
     rate_limit(ctx.evidence_limiter, peer_of(request), "evidence")
     gpu_ids = await _gpu_selection(request)
-    # quote and GPU evidence at once (see Collector.evidence): the longer of the two, not their sum
-    quote, gpu = await asyncio.gather(_quote_b64(request, nonce),
-                                      evidence_call(ctx.collector.gpu_evidence(nonce, gpu_ids)))
+    caller = peer_of(request).scope
+    raw, gpu = await evidence_call(both(ctx.collector.quote(nonce, caller=caller),
+                                        ctx.collector.gpu_evidence(nonce, gpu_ids)))
+    quote = _checked_b64(ctx, raw)
     # exactly one quote key, named by the TEE as the newest reference does (``f"{tee_type}_quote"``)
     return json_response({f"{ctx.collector.tee}_quote": quote, "nvtrust_evidence": json.dumps(gpu)})
 

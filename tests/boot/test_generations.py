@@ -18,10 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent import log as log_mod
-from agent.boot import network
-from agent.boot.config_volume import BootIdentity
 from agent.boot.cryptsetup import Cryptsetup
-from agent.boot.flow import BootDeps, BootOutcome, default_deps, run_boot
+from agent.boot.flow import BootDeps, BootOutcome, run_boot
 from agent.config import AgentConfig
 from agent.evidence.rootfs_measure import format_manifest, predict_entries
 from agent.log import Secret
@@ -29,6 +27,7 @@ from agent.sim.luks_image import make_ext4_image, make_luks_image
 from agent.sim.validator import FaithfulValidator, Fault
 from agent.validator.proof import Hotkey
 from tests.boot.conftest import ProcScanner
+from tests.boot.rig_deps import rig_deps
 
 if TYPE_CHECKING:  # the FUSE emulator needs fusepy + libfuse: imported where a test runs, not at collection
     from agent.sim.tsm_mr_emulator import LiveRtmrQuoteSource, MrState
@@ -80,19 +79,7 @@ class GenRig:
     procs: ProcScanner | None = None
 
     def deps(self) -> BootDeps:
-        d = default_deps(self.cfg, self.source, console=self.console)
-
-        def setup_network(ident: BootIdentity) -> str:
-            assert ident.network_yaml is not None
-            plan = network.parse_netplan(ident.network_yaml, ["lo", "enp0s2"])
-            network.apply(plan, str(self.tmp / "resolv.conf"), run=lambda argv: None)
-            return plan.interface
-
-        async def fast_sleep(s: float) -> None:
-            return None
-
-        d.setup_network, d.sleep = setup_network, fast_sleep
-        return d
+        return rig_deps(self.cfg, self.source, self.console, self.tmp)
 
     async def run(self) -> BootOutcome:
         _zero_rtmr3(self.state)

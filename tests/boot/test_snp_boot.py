@@ -27,16 +27,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import log as log_mod
-from agent.boot import network
-from agent.boot.config_volume import BootIdentity
 from agent.boot.cryptsetup import Cryptsetup
-from agent.boot.flow import BootDeps, BootOutcome, default_deps, run_boot
+from agent.boot.flow import BootDeps, BootOutcome, run_boot
 from agent.config import AgentConfig
 from agent.evidence.rootfs_measure import format_manifest, predict_entries
 from agent.log import Secret
 from agent.sim.luks_image import make_ext4_image, make_luks_image
 from agent.sim.validator import FaithfulValidator, SnpMeasurementSet, simulated_snp_trust
 from agent.validator.proof import Hotkey
+from tests.boot.rig_deps import rig_deps
 
 pytestmark = pytest.mark.integration
 
@@ -83,19 +82,7 @@ class SnpRig:
     logs: io.StringIO
 
     def deps(self) -> BootDeps:
-        d = default_deps(self.cfg, self.source, console=self.console)
-
-        def setup_network(ident: BootIdentity) -> str:
-            assert ident.network_yaml is not None
-            plan = network.parse_netplan(ident.network_yaml, ["lo", "enp0s2"])
-            network.apply(plan, str(self.tmp / "resolv.conf"), run=lambda argv: None)
-            return plan.interface
-
-        async def fast_sleep(s: float) -> None:
-            return None
-
-        d.setup_network, d.sleep = setup_network, fast_sleep
-        return d
+        return rig_deps(self.cfg, self.source, self.console, self.tmp)
 
     async def run(self) -> BootOutcome:
         log_mod.configure("debug", "json", stream=self.logs)

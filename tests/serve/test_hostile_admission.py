@@ -22,13 +22,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.serve.server import Service
 from tests.serve.test_hostile_identity import _cgroup2_root, _open_socket_dirs, _release
+from tests.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -183,13 +184,6 @@ async def _from_container(sock: str, cg: Path, target: str, method: str = "GET",
     return json.loads(out)
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def _scopes(svc: Service) -> list[str]:
     return sorted(st.peer.scope for st in svc.ctx.trackers["chute"].states.values())
 
@@ -232,7 +226,7 @@ async def test_connect_close_loop_does_not_fill_the_listen_queue(service_factory
         try:
             assert loop_proc.stdout is not None
             await asyncio.get_running_loop().run_in_executor(None, loop_proc.stdout.readline)
-            await _until(lambda: seen() > 2000)  # the loop runs at full pace
+            await async_wait_until(lambda: seen() > 2000, "the loop at full pace")  # the loop runs at full pace
             before = seen()
             got = await _from_container(sock, newcomer, "/v1/health", n=200)
             during = seen() - before
@@ -302,7 +296,8 @@ async def test_parking_in_the_unidentified_lane_does_not_lock_others_out(service
     try:
         await _reports(parker)
         # admitted on the raw socket first, a transport a loop turn later: wait for both
-        await _until(lambda: gate.admission.budget.held["unidentified"] == 8 and len(gate.states) == 8)
+        await async_wait_until(lambda: gate.admission.budget.held["unidentified"] == 8 and len(gate.states) == 8,
+                               "8 parked connections admitted and open")
         assert _scopes(svc) == ["unidentified"] * 8  # the lane is full of parked, idle connections
         evicted_before = gate.evicted
         for _ in range(3):  # other unidentified callers, one after another: each gets in and is answered

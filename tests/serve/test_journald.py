@@ -4,10 +4,10 @@ the test, and the entries are decoded from the journal native protocol."""
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -18,31 +18,10 @@ from tests.serve.helpers import make_cfg
 from tests.serve.proc import NotifyListener, spawn, stop
 from tests.serve.test_systemd import get, http
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from journal_sink import NS_PREFIX, receive  # (the one decoder of the journal native protocol)
+
 pytestmark = pytest.mark.integration
-
-NS_PREFIX = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && '
-             'mount --bind "$0" /run/systemd/journal && exec "$@"']
-
-
-def decode_native(data: bytes) -> dict[str, str]:
-    """One journal native-protocol datagram: KEY=value lines, or KEY\\n<le64 size><bytes>\\n."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            k, v = line.split(b"=", 1)
-            i = nl + 1
-        else:
-            k = line
-            size = int.from_bytes(data[nl + 1: nl + 9], "little")
-            v = data[nl + 9: nl + 9 + size]
-            assert data[nl + 9 + size: nl + 10 + size] == b"\n"
-            i = nl + 10 + size
-        out[k.decode()] = v.decode()
-    return out
 
 
 class JournalReader(threading.Thread):
@@ -57,18 +36,9 @@ class JournalReader(threading.Thread):
     def run(self) -> None:
         self.sock.settimeout(0.1)
         while not self.stop.is_set():
-            try:
-                data, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
-            except TimeoutError:
-                continue
-            for level, kind, payload in anc:  # large entries arrive as a sealed memfd
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
-                    for fd in fds:
-                        with os.fdopen(fd, "rb") as f:
-                            data = f.read()
-            self.entries.append(decode_native(data))
+            entry = receive(self.sock)
+            if entry is not None:
+                self.entries.append(entry)
 
 
 def test_journald_entries_have_stable_ids_and_fields(short_tmp: Path, sim_dir: Path) -> None:
